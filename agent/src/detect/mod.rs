@@ -1,0 +1,3 @@
+//! Detection. For now: the feature windows every detector consumes.
+
+pub mod features;
