@@ -1,7 +1,17 @@
 //! outpost: a small daemon that watches an edge host and the services on it,
 //! detects what goes wrong, fixes what it may, and tells the fleet.
+//!
+//! `main` is thin: it parses the command line ([`cli`]) and calls [`run`],
+//! which tests call in-process too.
 
+pub mod cli;
 pub mod collect;
 pub mod config;
+pub mod control;
 pub mod detect;
+pub mod logging;
+pub mod notify;
+pub mod pipeline;
 pub mod store;
+
+pub use pipeline::run;

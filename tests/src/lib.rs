@@ -1,1 +1,8 @@
+//! Harness helpers for the whole-system tests in `tests/tests/`: each starts
+//! the real servers it needs and tears them down, and fails loudly when it
+//! cannot.
 
+pub mod apt;
+pub mod nspawn;
+pub mod podman;
+pub mod systemd;

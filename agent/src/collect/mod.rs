@@ -9,6 +9,7 @@ pub mod container;
 pub mod host;
 pub mod probe;
 pub mod process;
+pub mod sampler;
 pub mod systemd;
 
 use std::sync::Arc;

@@ -19,7 +19,7 @@ pub const DEFAULT_FEATURE_WINDOW: Duration = Duration::from_secs(60);
 pub const DEFAULT_FEATURE_STEP: Duration = Duration::from_secs(10);
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(14 * 24 * 3600);
 pub const DEFAULT_MAX_DB_MB: u64 = 256;
-pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(300);
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(600);
 pub const DEFAULT_PROBE_INTERVAL_MS: u64 = 1000;
 pub const DEFAULT_PROBE_TIMEOUT_MS: u64 = 500;
 pub const DEFAULT_PROC_ROOT: &str = "/proc";
@@ -84,11 +84,17 @@ pub struct Target {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TargetKind {
     Host,
-    Systemd { unit: String },
-    Container { container: String },
+    Systemd {
+        unit: String,
+    },
+    Container {
+        container: String,
+    },
     /// Matches processes whose command name (`comm`) or executable basename
     /// equals `process`.
-    Process { process: String },
+    Process {
+        process: String,
+    },
 }
 
 impl TargetKind {
@@ -170,7 +176,10 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{}", render(file, problems))]
-    Invalid { file: String, problems: Vec<Problem> },
+    Invalid {
+        file: String,
+        problems: Vec<Problem>,
+    },
 }
 
 fn render(file: &str, problems: &[Problem]) -> String {

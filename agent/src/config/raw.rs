@@ -191,7 +191,7 @@ impl RawConfig {
                 "must hold at least two samples (window >= 2 x agent.sample_interval_ms)".into(),
             ));
         }
-        if window.as_millis() % 1000 != 0 {
+        if !window.as_millis().is_multiple_of(1000) {
             errs.push((
                 "features.window".into(),
                 "must be a whole number of seconds (it is part of every feature name)".into(),
@@ -305,16 +305,10 @@ impl RawTarget {
                 }
                 TargetKind::Systemd { unit }
             }),
-            RawKind::Container => {
-                required("container", self.container, errs).map(|container| {
-                    TargetKind::Container { container }
-                })
-            }
-            RawKind::Process => {
-                required("process", self.process, errs).map(|process| TargetKind::Process {
-                    process,
-                })
-            }
+            RawKind::Container => required("container", self.container, errs)
+                .map(|container| TargetKind::Container { container }),
+            RawKind::Process => required("process", self.process, errs)
+                .map(|process| TargetKind::Process { process }),
         };
         let probe = self
             .probe
@@ -354,7 +348,10 @@ impl RawProbe {
                 return None;
             }
             (None, None) => {
-                errs.push((at.to_string(), "needs `http = \"URL\"` or `tcp = \"HOST:PORT\"`".into()));
+                errs.push((
+                    at.to_string(),
+                    "needs `http = \"URL\"` or `tcp = \"HOST:PORT\"`".into(),
+                ));
                 return None;
             }
             (Some(url), None) => match parse_http_url(&url) {
@@ -404,7 +401,9 @@ fn parse_http_url(url: &str) -> Result<(String, u16, String), String> {
     } else if url.starts_with("https://") {
         return Err("https probes are not supported; probe the service's local http port".into());
     } else {
-        return Err(format!("expected a URL such as \"http://127.0.0.1:8080/healthz\", got {url:?}"));
+        return Err(format!(
+            "expected a URL such as \"http://127.0.0.1:8080/healthz\", got {url:?}"
+        ));
     };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -414,7 +413,13 @@ fn parse_http_url(url: &str) -> Result<(String, u16, String), String> {
         return Err(format!("{url:?} has no usable host"));
     }
     let (host, port) = if authority.ends_with(']') || !authority.contains(':') {
-        (authority.trim_start_matches('[').trim_end_matches(']').to_string(), 80)
+        (
+            authority
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            80,
+        )
     } else {
         split_host_port(authority).ok_or_else(|| format!("{url:?} has a bad port"))?
     };

@@ -1,0 +1,342 @@
+//! The command line. `main` parses it and calls [`execute`]; every command
+//! returns its exit code: 0 ok, 1 runtime failure, 2 bad input.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::collect::sampler::now_ms;
+use crate::config::{self, Config};
+use crate::logging::LogFormat;
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_RUNTIME: u8 = 1;
+pub const EXIT_BAD_INPUT: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outpost",
+    version,
+    about = "A small self-healing agent for edge hosts"
+)]
+pub struct Cli {
+    /// Where logs go: auto (the journal under systemd, else text), text, json.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. `info` or `outpost=debug`; RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent. With no config it watches the host on built-in defaults.
+    Run {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file: exit 0, or 2 with FILE:LINE:COL: key: problem lines.
+    CheckConfig { file: PathBuf },
+    /// What the agent sees: live from the running agent, else from the store.
+    Status {
+        #[command(flatten)]
+        place: StatePlace,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write stored feature vectors as CSV (a header of feature names).
+    Export {
+        #[command(flatten)]
+        place: StatePlace,
+        /// How far back, e.g. `1h`, `7d`.
+        #[arg(long, default_value = "1d")]
+        since: String,
+        /// Output file; `-` for stdout.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Where a reading command finds the agent's state.
+#[derive(Debug, clap::Args)]
+pub struct StatePlace {
+    /// The agent's config file (its state_dir is used).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// The state directory, overriding the config's.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl StatePlace {
+    fn config(&self) -> Result<Config, config::ConfigError> {
+        let mut cfg = match &self.config {
+            Some(p) => Config::load(p)?,
+            None => Config::builtin(),
+        };
+        if let Some(dir) = &self.state_dir {
+            cfg.agent.state_dir = dir.clone();
+        }
+        Ok(cfg)
+    }
+}
+
+fn bad_config(e: &config::ConfigError) -> u8 {
+    eprintln!("{e}");
+    EXIT_BAD_INPUT
+}
+
+/// Runs a parsed command line.
+pub fn execute(cli: Cli) -> u8 {
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok ({} targets, node {})",
+                    file.display(),
+                    cfg.targets.len(),
+                    cfg.agent.node_id
+                );
+                EXIT_OK
+            }
+            Err(e) => bad_config(&e),
+        },
+        Command::Run { config } => {
+            let cfg = match config {
+                Some(p) => match Config::load(&p) {
+                    Ok(c) => c,
+                    Err(e) => return bad_config(&e),
+                },
+                None => Config::builtin(),
+            };
+            crate::logging::init(cli.log_format, &cli.log_level);
+            run_daemon(cfg)
+        }
+        Command::Status { place, json } => {
+            let cfg = match place.config() {
+                Ok(c) => c,
+                Err(e) => return bad_config(&e),
+            };
+            status(&cfg, json)
+        }
+        Command::Export { place, since, out } => {
+            let cfg = match place.config() {
+                Ok(c) => c,
+                Err(e) => return bad_config(&e),
+            };
+            let since = match config::parse_duration(&since) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("--since: {e}");
+                    return EXIT_BAD_INPUT;
+                }
+            };
+            export(&cfg, since, &out)
+        }
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    // One thread: the agent's work is small and latency-tolerant; SQLite has
+    // its own thread.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+fn run_daemon(cfg: Config) -> u8 {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return EXIT_RUNTIME;
+        }
+    };
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!("cannot install SIGTERM/SIGINT handlers");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+                _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+            }
+            signals.cancel();
+        });
+        match crate::run(cfg, shutdown).await {
+            Ok(()) => EXIT_OK,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "outpost failed");
+                eprintln!("outpost: {e:#}");
+                EXIT_RUNTIME
+            }
+        }
+    })
+}
+
+fn file_size(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+fn db_bytes(db: &Path) -> u64 {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    file_size(db) + file_size(Path::new(&wal))
+}
+
+fn fmt_ms(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn status(cfg: &Config, json: bool) -> u8 {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return EXIT_RUNTIME;
+        }
+    };
+    let db = cfg.db_path();
+    let live = rt.block_on(crate::control::query(&cfg.socket_path()));
+    let store = match crate::store::Reader::open(&db).and_then(|r| r.status()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            if live.is_none() {
+                eprintln!(
+                    "no running agent answers at {} and the store cannot be read: {e}",
+                    cfg.socket_path().display()
+                );
+                return EXIT_RUNTIME;
+            }
+            None
+        }
+    };
+    let bytes = db_bytes(&db);
+    if json {
+        let doc = serde_json::json!({
+            "running": live.is_some(),
+            "live": live,
+            "store": store,
+            "store_path": db.display().to_string(),
+            "store_bytes": bytes,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        return EXIT_OK;
+    }
+    let mut out = std::io::stdout().lock();
+    let (node, targets, newest) = if let Some(l) = &live {
+        (l.node_id.clone(), l.targets.clone(), l.newest_feature_ms)
+    } else if let Some(s) = &store {
+        (s.node_id.clone(), s.targets.clone(), s.newest_feature_ms)
+    } else {
+        return EXIT_RUNTIME;
+    };
+    let _ = writeln!(out, "node:     {node}");
+    match &live {
+        Some(l) => {
+            let up = (now_ms() - l.started_ms).max(0) / 1000;
+            let _ = writeln!(
+                out,
+                "agent:    running, pid {}, up {}, {} signals, {} samples",
+                l.pid,
+                humantime::format_duration(Duration::from_secs(up as u64)),
+                l.signals,
+                l.samples
+            );
+        }
+        None => {
+            let _ = writeln!(out, "agent:    not running (state from the store)");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "features: newest {}",
+        newest.map_or("none yet".to_string(), fmt_ms)
+    );
+    let _ = writeln!(out, "store:    {} ({} bytes)", db.display(), bytes);
+    if targets.is_empty() {
+        let _ = writeln!(out, "targets:  none configured (watching the host)");
+    } else {
+        let _ = writeln!(out, "targets:");
+        for t in targets {
+            let probe = t.probe.as_ref().map_or(String::new(), |p| {
+                if p.ok {
+                    format!(", probe ok {:.1} ms", p.latency_ms)
+                } else {
+                    format!(", probe FAILED: {}", p.error.clone().unwrap_or_default())
+                }
+            });
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<10} {:<4} {}{}",
+                t.name,
+                t.kind,
+                if t.up { "up" } else { "DOWN" },
+                t.state,
+                probe
+            );
+        }
+    }
+    EXIT_OK
+}
+
+fn export(cfg: &Config, since: Duration, out: &Path) -> u8 {
+    let reader = match crate::store::Reader::open(&cfg.db_path()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}: {e}", cfg.db_path().display());
+            return EXIT_RUNTIME;
+        }
+    };
+    let since_ms = now_ms() - since.as_millis() as i64;
+    let result = if out == Path::new("-") {
+        let mut w = std::io::BufWriter::new(std::io::stdout().lock());
+        reader.export_csv(since_ms, &mut w).and_then(|n| {
+            w.flush().map_err(crate::store::StoreError::from)?;
+            Ok(n)
+        })
+    } else {
+        // Write beside the target and rename, so a failed export never
+        // leaves a half-written file where a good one is expected.
+        let tmp = out.with_extension("partial");
+        let written = std::fs::File::create(&tmp)
+            .map_err(crate::store::StoreError::from)
+            .and_then(|f| {
+                let mut w = std::io::BufWriter::new(f);
+                let n = reader.export_csv(since_ms, &mut w)?;
+                w.flush().map_err(crate::store::StoreError::from)?;
+                Ok(n)
+            })
+            .and_then(|n| {
+                std::fs::rename(&tmp, out).map_err(crate::store::StoreError::from)?;
+                Ok(n)
+            });
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
+    };
+    match result {
+        Ok(n) => {
+            eprintln!("exported {n} feature vectors to {}", out.display());
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("export failed: {e}");
+            EXIT_RUNTIME
+        }
+    }
+}

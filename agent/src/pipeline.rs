@@ -1,0 +1,207 @@
+//! The daemon: wires collection, feature windows and the store, and handles
+//! the lifecycle (readiness, watchdog, reload, shutdown).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::collect::sampler::{now_ms, Sampler};
+use crate::config::Config;
+use crate::control::{self, LiveStatus, SharedStatus};
+use crate::detect::features::FeatureWindows;
+use crate::notify::{Notifier, Progress};
+use crate::store::Store;
+
+/// How long shutdown may take before outpost gives up flushing. The unit's
+/// TimeoutStopSec must be longer.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_millis(1500);
+
+enum Exit {
+    Shutdown,
+    Reload(Box<Config>),
+}
+
+/// Runs the agent until `shutdown` is cancelled. SIGHUP reloads the config
+/// file it was started with; a config that fails validation is refused and
+/// the running one kept.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let store = Store::open(&config).context("opening the local store")?;
+    let status: SharedStatus = Arc::new(Mutex::new(LiveStatus {
+        node_id: config.agent.node_id.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        started_ms: now_ms(),
+        ..LiveStatus::default()
+    }));
+    control::serve(&config.socket_path(), status.clone(), shutdown.clone())?;
+    let notifier = Notifier::from_env();
+    let progress = Progress::default();
+    notifier.spawn_watchdog(
+        progress.clone(),
+        config.agent.sample_interval,
+        shutdown.clone(),
+    );
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tracing::info!(
+        node = %config.agent.node_id,
+        state_dir = %config.agent.state_dir.display(),
+        targets = config.targets.len(),
+        config = %config.source.as_ref().map_or("<built-in>".to_string(), |p| p.display().to_string()),
+        "outpost started"
+    );
+
+    let mut config = config;
+    let mut first = true;
+    loop {
+        let generation = shutdown.child_token();
+        let exit = pipeline(
+            &config,
+            &store,
+            &status,
+            &notifier,
+            &progress,
+            &mut hup,
+            &mut first,
+            generation.clone(),
+        )
+        .await;
+        generation.cancel();
+        match exit {
+            Exit::Shutdown => break,
+            Exit::Reload(new) => {
+                if new.agent.state_dir != config.agent.state_dir {
+                    tracing::warn!("agent.state_dir changed; it takes effect at the next restart");
+                }
+                config = Config {
+                    agent: crate::config::AgentConfig {
+                        state_dir: config.agent.state_dir.clone(),
+                        ..new.agent.clone()
+                    },
+                    ..*new
+                };
+                tracing::info!(targets = config.targets.len(), "config reloaded");
+                // READY=1 after the first sample under the new config ends
+                // systemd's RELOADING state.
+                first = true;
+            }
+        }
+    }
+
+    notifier.stopping();
+    match tokio::time::timeout(SHUTDOWN_DEADLINE, store.close()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "store did not close cleanly"),
+        Err(_) => tracing::error!("store flush passed the shutdown deadline"),
+    }
+    tracing::info!(uptime_s = started.elapsed().as_secs(), "outpost stopped");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pipeline(
+    cfg: &Config,
+    store: &Store,
+    status: &SharedStatus,
+    notifier: &Notifier,
+    progress: &Progress,
+    hup: &mut tokio::signal::unix::Signal,
+    first: &mut bool,
+    token: CancellationToken,
+) -> Exit {
+    let mut sampler = Sampler::new(cfg, token.clone());
+    let mut windows = FeatureWindows::new(cfg.features.window);
+    let base = Instant::now();
+    let mut tick = tokio::time::interval(cfg.agent.sample_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut next_step = base + cfg.features.step;
+    {
+        let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+        s.config = cfg.source.as_ref().map(|p| p.display().to_string());
+        s.sample_interval_ms = cfg.agent.sample_interval.as_millis() as u64;
+    }
+    loop {
+        tokio::select! {
+            biased;
+            _ = token.cancelled() => return Exit::Shutdown,
+            _ = hup.recv() => {
+                if let Some(new) = reload(cfg, notifier) {
+                    return Exit::Reload(Box::new(new));
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let sample = sampler.sample(now).await;
+                let mono_ms = now.duration_since(base).as_millis() as i64;
+                windows.push(mono_ms, &sample);
+                progress.tick();
+                let vector = if now >= next_step {
+                    while next_step <= now {
+                        next_step += cfg.features.step;
+                    }
+                    windows.compute(mono_ms, sample.ts_ms)
+                } else {
+                    None
+                };
+                let line = {
+                    let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+                    s.samples += 1;
+                    s.signals = windows.signals();
+                    s.targets = sample.targets.clone();
+                    s.store_dropped = store.dropped();
+                    if let Some(v) = &vector {
+                        s.feature_vectors += 1;
+                        s.newest_feature_ms = Some(v.ts_ms);
+                    }
+                    let up = s.targets.iter().filter(|t| t.up).count();
+                    format!(
+                        "{} signals, {}/{} targets up, {} feature vectors",
+                        s.signals,
+                        up,
+                        s.targets.len(),
+                        s.feature_vectors
+                    )
+                };
+                if let Some(v) = vector {
+                    store.record_features(v);
+                    store.record_targets(sample.targets);
+                    notifier.status(&line);
+                }
+                if *first {
+                    *first = false;
+                    notifier.ready(&line);
+                    tracing::info!(signals = windows.signals(), "collecting");
+                }
+            }
+        }
+    }
+}
+
+/// Loads the config file again; `None` (and an error log) when it is
+/// refused, so the caller keeps the running config.
+fn reload(cfg: &Config, notifier: &Notifier) -> Option<Config> {
+    let Some(path) = cfg.source.as_ref() else {
+        tracing::info!("SIGHUP: running on the built-in default, nothing to reload");
+        return None;
+    };
+    notifier.reloading();
+    let result = Config::load(path);
+    match result {
+        Ok(new) => {
+            notifier.status("config reloaded");
+            Some(new)
+        }
+        Err(e) => {
+            for line in e.to_string().lines() {
+                tracing::error!(error = %line, "SIGHUP: new config refused; keeping the running one");
+            }
+            notifier.status("new config refused; running the previous one");
+            // READY=1 ends the RELOADING state in systemd even on refusal.
+            notifier.ready("new config refused; running the previous one");
+            None
+        }
+    }
+}
