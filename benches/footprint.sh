@@ -106,4 +106,5 @@ for entry in "outpost:$OUTPOST" "prometheus-node-exporter (scraped 1 Hz):$NE" "m
 done
 echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), warm-up ${WARMUP}s, measured ${MEASURE}s"
-grep -ciE ' (warn|error) ' "$work/outpost.log" | xargs -I{} echo "outpost log lines at WARN/ERROR: {}"
+echo "outpost log lines at WARN/ERROR:"; grep -E ' (WARN|ERROR) ' "$work/outpost.log" | head -5 || true
+ls -l "$work/state" | sed 's/^/  /'

@@ -49,6 +49,40 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The audit trail: every decision, acted on or not, and why.
+    Actions {
+        #[command(flatten)]
+        place: StatePlace,
+        #[arg(long)]
+        json: bool,
+        /// How many of the newest rows.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Walk the whole hash chain; exit 1 if a row was edited or removed.
+        #[arg(long)]
+        verify_chain: bool,
+    },
+    /// Incidents: episodes of a rule's condition or of an anomaly.
+    Incidents {
+        #[command(flatten)]
+        place: StatePlace,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Approve a decision that is waiting for approval.
+    Approve {
+        #[command(flatten)]
+        place: StatePlace,
+        id: u64,
+    },
+    /// Deny a decision that is waiting for approval.
+    Deny {
+        #[command(flatten)]
+        place: StatePlace,
+        id: u64,
+    },
     /// Write stored feature vectors as CSV (a header of feature names).
     Export {
         #[command(flatten)]
@@ -124,6 +158,27 @@ pub fn execute(cli: Cli) -> u8 {
             };
             status(&cfg, json)
         }
+        Command::Actions {
+            place,
+            json,
+            limit,
+            verify_chain,
+        } => match place.config() {
+            Ok(cfg) => actions(&cfg, json, limit, verify_chain),
+            Err(e) => bad_config(&e),
+        },
+        Command::Incidents { place, json, limit } => match place.config() {
+            Ok(cfg) => incidents(&cfg, json, limit),
+            Err(e) => bad_config(&e),
+        },
+        Command::Approve { place, id } => match place.config() {
+            Ok(cfg) => decide_request(&cfg, crate::control::Request::Approve { id }),
+            Err(e) => bad_config(&e),
+        },
+        Command::Deny { place, id } => match place.config() {
+            Ok(cfg) => decide_request(&cfg, crate::control::Request::Deny { id }),
+            Err(e) => bad_config(&e),
+        },
         Command::Export { place, since, out } => {
             let cfg = match place.config() {
                 Ok(c) => c,
@@ -336,6 +391,141 @@ fn export(cfg: &Config, since: Duration, out: &Path) -> u8 {
         }
         Err(e) => {
             eprintln!("export failed: {e}");
+            EXIT_RUNTIME
+        }
+    }
+}
+
+fn open_reader(cfg: &Config) -> Result<crate::store::Reader, u8> {
+    crate::store::Reader::open(&cfg.db_path()).map_err(|e| {
+        eprintln!("{}: {e}", cfg.db_path().display());
+        EXIT_RUNTIME
+    })
+}
+
+fn actions(cfg: &Config, json: bool, limit: u32, verify_chain: bool) -> u8 {
+    let reader = match open_reader(cfg) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    if verify_chain {
+        return match reader.verify_chain() {
+            Ok(report) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).unwrap_or_default()
+                    );
+                } else if report.ok {
+                    println!("audit chain ok: {} rows", report.rows);
+                } else {
+                    println!(
+                        "audit chain BROKEN: {}",
+                        report.problem.clone().unwrap_or_default()
+                    );
+                }
+                if report.ok {
+                    EXIT_OK
+                } else {
+                    EXIT_RUNTIME
+                }
+            }
+            Err(e) => {
+                eprintln!("cannot read the audit trail: {e}");
+                EXIT_RUNTIME
+            }
+        };
+    }
+    let rows = match reader.actions(limit) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot read the audit trail: {e}");
+            return EXIT_RUNTIME;
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        );
+        return EXIT_OK;
+    }
+    if rows.is_empty() {
+        println!("no decisions recorded");
+    }
+    for r in rows {
+        let e = &r.entry;
+        println!(
+            "{:>5}  {}  #{:<4} {:<18} {:<12} {:<14} {:<18} {}",
+            r.id,
+            fmt_ms(e.ts_ms),
+            e.decision_id,
+            e.rule.as_deref().unwrap_or("-"),
+            e.target,
+            e.action,
+            e.decision,
+            e.reason
+        );
+    }
+    EXIT_OK
+}
+
+fn incidents(cfg: &Config, json: bool, limit: u32) -> u8 {
+    let reader = match open_reader(cfg) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let rows = match reader.incidents(limit) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot read incidents: {e}");
+            return EXIT_RUNTIME;
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        );
+        return EXIT_OK;
+    }
+    if rows.is_empty() {
+        println!("no incidents recorded");
+    }
+    for i in rows {
+        println!(
+            "{:>5}  {:<12} opened {}  {}  score {:.2}  {}",
+            i.id,
+            i.target,
+            fmt_ms(i.opened_ms),
+            i.closed_ms
+                .map_or("OPEN".to_string(), |c| format!("closed {}", fmt_ms(c))),
+            i.score,
+            i.explanation
+        );
+    }
+    EXIT_OK
+}
+
+fn decide_request(cfg: &Config, req: crate::control::Request) -> u8 {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return EXIT_RUNTIME;
+        }
+    };
+    match rt.block_on(crate::control::request(&cfg.socket_path(), &req)) {
+        Ok(reply) if reply.ok => {
+            println!("{}", reply.message);
+            EXIT_OK
+        }
+        Ok(reply) => {
+            eprintln!("refused: {}", reply.message);
+            EXIT_BAD_INPUT
+        }
+        Err(e) => {
+            eprintln!("{e}");
             EXIT_RUNTIME
         }
     }

@@ -41,11 +41,35 @@ pub enum ControlError {
     },
 }
 
-/// Binds the socket (replacing a stale one) and answers every connection
-/// with the live status as one JSON document.
+/// A request on the control socket: one JSON line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Approve { id: u64 },
+    Deny { id: u64 },
+}
+
+/// The answer to a request that changes something.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    pub message: String,
+}
+
+/// A request the pipeline must answer, with where to send the answer.
+pub type Command = (Request, tokio::sync::oneshot::Sender<Reply>);
+
+/// The longest request line accepted.
+const MAX_REQUEST: usize = 4096;
+
+/// Binds the socket (replacing a stale one). A connection that sends
+/// nothing, or `{"cmd":"status"}`, gets the live status as one JSON
+/// document; other requests go to `commands` and their reply comes back.
 pub fn serve(
     path: &Path,
     status: SharedStatus,
+    commands: tokio::sync::mpsc::Sender<Command>,
     shutdown: CancellationToken,
 ) -> Result<(), ControlError> {
     let bind_err = |source| ControlError::Bind {
@@ -68,16 +92,14 @@ pub fn serve(
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((mut stream, _)) => {
-                        let body = {
-                            let s = status.lock().unwrap_or_else(|p| p.into_inner());
-                            serde_json::to_vec(&*s).unwrap_or_default()
-                        };
+                    Ok((stream, _)) => {
+                        let status = status.clone();
+                        let commands = commands.clone();
                         tokio::spawn(async move {
-                            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                                let _ = stream.write_all(&body).await;
-                                let _ = stream.shutdown().await;
-                            })
+                            let _ = tokio::time::timeout(
+                                Duration::from_secs(5),
+                                answer(stream, status, commands),
+                            )
                             .await;
                         });
                     }
@@ -93,10 +115,68 @@ pub fn serve(
     Ok(())
 }
 
+async fn answer(
+    mut stream: UnixStream,
+    status: SharedStatus,
+    commands: tokio::sync::mpsc::Sender<Command>,
+) {
+    // Read one line (or nothing: a bare connect asks for status).
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    let read = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if buf.contains(&b'\n') || buf.len() > MAX_REQUEST {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    let _ = read;
+    let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
+    let request = if line.iter().all(u8::is_ascii_whitespace) {
+        Ok(Request::Status)
+    } else if buf.len() > MAX_REQUEST {
+        Err("request too long".to_string())
+    } else {
+        serde_json::from_slice::<Request>(line).map_err(|e| format!("bad request: {e}"))
+    };
+    let body = match request {
+        Ok(Request::Status) => {
+            let s = status.lock().unwrap_or_else(|p| p.into_inner());
+            serde_json::to_vec(&*s).unwrap_or_default()
+        }
+        Ok(req) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let reply = if commands.send((req, tx)).await.is_err() {
+                Reply {
+                    ok: false,
+                    message: "the agent is shutting down".into(),
+                }
+            } else {
+                rx.await.unwrap_or(Reply {
+                    ok: false,
+                    message: "the agent did not answer".into(),
+                })
+            };
+            serde_json::to_vec(&reply).unwrap_or_default()
+        }
+        Err(message) => serde_json::to_vec(&Reply { ok: false, message }).unwrap_or_default(),
+    };
+    let _ = stream.write_all(&body).await;
+    let _ = stream.shutdown().await;
+}
+
 /// Asks a running agent for its live status; `None` when none answers.
 pub async fn query(path: &Path) -> Option<LiveStatus> {
     let fut = async {
         let mut stream = UnixStream::connect(path).await.ok()?;
+        stream.write_all(b"{\"cmd\":\"status\"}\n").await.ok()?;
         let mut buf = Vec::new();
         stream.read_to_end(&mut buf).await.ok()?;
         serde_json::from_slice(&buf).ok()
@@ -105,4 +185,25 @@ pub async fn query(path: &Path) -> Option<LiveStatus> {
         .await
         .ok()
         .flatten()
+}
+
+/// Sends a request that changes something; `Err` when no agent answers.
+pub async fn request(path: &Path, req: &Request) -> Result<Reply, String> {
+    let fut = async {
+        let mut stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| format!("no agent answers at {}: {e}", path.display()))?;
+        let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        stream.write_all(&line).await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        stream
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| e.to_string())?;
+        serde_json::from_slice::<Reply>(&buf).map_err(|e| format!("bad reply: {e}"))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .map_err(|_| "the agent did not answer within 5 s".to_string())?
 }

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod collect;
 pub mod config;
 pub mod control;
+pub mod decide;
 pub mod detect;
 pub mod logging;
 pub mod notify;

@@ -37,7 +37,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         started_ms: now_ms(),
         ..LiveStatus::default()
     }));
-    control::serve(&config.socket_path(), status.clone(), shutdown.clone())?;
+    let (cmd_tx, mut commands) = tokio::sync::mpsc::channel::<control::Command>(16);
+    control::serve(
+        &config.socket_path(),
+        status.clone(),
+        cmd_tx,
+        shutdown.clone(),
+    )?;
     let notifier = Notifier::from_env();
     let progress = Progress::default();
     notifier.spawn_watchdog(
@@ -65,6 +71,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             &notifier,
             &progress,
             &mut hup,
+            &mut commands,
             &mut first,
             generation.clone(),
         )
@@ -109,6 +116,7 @@ async fn pipeline(
     notifier: &Notifier,
     progress: &Progress,
     hup: &mut tokio::signal::unix::Signal,
+    commands: &mut tokio::sync::mpsc::Receiver<control::Command>,
     first: &mut bool,
     token: CancellationToken,
 ) -> Exit {
@@ -127,6 +135,9 @@ async fn pipeline(
         tokio::select! {
             biased;
             _ = token.cancelled() => return Exit::Shutdown,
+            Some((request, reply)) = commands.recv() => {
+                let _ = reply.send(handle_request(request));
+            }
             _ = hup.recv() => {
                 if let Some(new) = reload(cfg, notifier) {
                     return Exit::Reload(Box::new(new));
@@ -177,6 +188,19 @@ async fn pipeline(
                 }
             }
         }
+    }
+}
+
+fn handle_request(request: control::Request) -> control::Reply {
+    match request {
+        control::Request::Status => control::Reply {
+            ok: true,
+            message: "use a bare status query".into(),
+        },
+        control::Request::Approve { id } | control::Request::Deny { id } => control::Reply {
+            ok: false,
+            message: format!("no decision {id} is awaiting approval"),
+        },
     }
 }
 

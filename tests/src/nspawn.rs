@@ -373,7 +373,9 @@ impl Systemd {
                     eprintln!("nspawn: {} is degraded; failed units:\n{failed}", self.name);
                     return Ok(());
                 }
-                "maintenance" | "stopping" | "offline" => {
+                // "offline" is also what systemctl says before PID 1 has
+                // created /run/systemd/system, so it is retried.
+                "maintenance" | "stopping" => {
                     last = state;
                     break;
                 }
@@ -775,9 +777,31 @@ fn sweep_one(dir: &Path) {
         .map(PathBuf::from)
         .collect();
     remove_cgroups(&cgroups);
+    // nspawn's image lock, named after the root directory's device and inode.
+    if let Ok(meta) = fs::metadata(&root) {
+        use std::os::unix::fs::MetadataExt;
+        let lock = format!(
+            "/run/systemd/nspawn/locks/inode-{}:{}",
+            meta.dev(),
+            meta.ino()
+        );
+        let _ = fs::remove_file(lock);
+    }
     if !unmount(&root) {
         eprintln!("nspawn: cannot unmount stale {}", root.display());
         return;
+    }
+    // nspawn's own leftover for this machine name (`outpost-<pid>-<n>`).
+    if let Some(machine) = dir
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .and_then(|f| {
+            let rest = f.strip_prefix(PREFIX)?;
+            let (pid_n, _rand) = rest.rsplit_once('-')?;
+            Some(format!("outpost-{pid_n}"))
+        })
+    {
+        let _ = fs::remove_dir_all(Path::new("/run/systemd/nspawn/propagate").join(machine));
     }
     let _ = fs::remove_dir_all(dir);
 }

@@ -17,6 +17,7 @@
 //! [`schema::durable_transaction`] gives the audit chain and the outbox the
 //! same.
 
+pub mod audit;
 pub mod codec;
 mod reader;
 pub mod schema;
@@ -103,9 +104,9 @@ type Reply = oneshot::Sender<Result<(), StoreError>>;
 enum Ctl {
     Flush(Reply),
     Close(Reply),
-    /// Runs a closure on the writer thread (tests: I/O counters, retention
-    /// with other limits).
-    #[cfg(test)]
+    /// Runs a job on the writer thread: audit rows, incidents, guard state
+    /// (each its own durable transaction), and in tests I/O counters and
+    /// retention with other limits.
     Exec(Box<dyn FnOnce(&mut writer::Writer) + Send>),
 }
 
@@ -247,7 +248,6 @@ impl Store {
     }
 
     /// Runs `f` on the writer thread and returns its result.
-    #[cfg(test)]
     async fn exec<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut writer::Writer) -> T + Send + 'static,

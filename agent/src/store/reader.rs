@@ -32,7 +32,7 @@ pub struct StoredStatus {
 
 /// A read-only view of the store.
 pub struct Reader {
-    conn: Connection,
+    pub(super) conn: Connection,
     path: PathBuf,
 }
 

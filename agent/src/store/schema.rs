@@ -96,6 +96,7 @@ CREATE INDEX incidents_opened ON incidents(opened_ms);
 CREATE TABLE actions (
     id        INTEGER PRIMARY KEY,
     ts_ms     INTEGER NOT NULL,
+    decision_id INTEGER NOT NULL,
     rule      TEXT,
     target    TEXT NOT NULL,
     action    TEXT NOT NULL,

@@ -199,7 +199,6 @@ impl Writer {
                         let _ = reply.send(r);
                         return;
                     }
-                    #[cfg(test)]
                     Ctl::Exec(f) => f(&mut self),
                 }
             }
@@ -214,13 +213,12 @@ impl Writer {
         }
     }
 
-    fn drain_ctl_and_exit(self, data: &Receiver<Msg>, ctl: &Receiver<Ctl>) {
+    fn drain_ctl_and_exit(mut self, data: &Receiver<Msg>, ctl: &Receiver<Ctl>) {
         let mut replies = Vec::new();
         while let Ok(c) = ctl.try_recv() {
             match c {
                 Ctl::Flush(r) | Ctl::Close(r) => replies.push(r),
-                #[cfg(test)]
-                Ctl::Exec(_) => {}
+                Ctl::Exec(f) => f(&mut self),
             }
         }
         let r = self.shutdown(data);
@@ -568,7 +566,6 @@ impl Writer {
         Ok(rep)
     }
 
-    #[cfg(test)]
     pub(super) fn conn(&self) -> &Connection {
         &self.conn
     }
