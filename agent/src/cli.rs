@@ -130,6 +130,9 @@ pub fn execute(cli: Cli) -> u8 {
     match cli.command {
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(cfg) => {
+                for w in cfg.render_warnings(&file.display().to_string()) {
+                    eprintln!("{w}");
+                }
                 println!(
                     "{}: ok ({} targets, node {})",
                     file.display(),

@@ -4,6 +4,7 @@
 //! `main` is thin: it parses the command line ([`cli`]) and calls [`run`],
 //! which tests call in-process too.
 
+pub mod act;
 pub mod cli;
 pub mod collect;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod detect;
 pub mod logging;
 pub mod notify;
 pub mod pipeline;
+pub mod remediate;
 pub mod store;
 
 pub use pipeline::run;

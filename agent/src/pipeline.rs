@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::control::{self, LiveStatus, SharedStatus};
 use crate::detect::features::FeatureWindows;
 use crate::notify::{Notifier, Progress};
+use crate::remediate::{ActionResult, Remediator};
 use crate::store::Store;
 
 /// How long shutdown may take before outpost gives up flushing. The unit's
@@ -37,6 +38,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         started_ms: now_ms(),
         ..LiveStatus::default()
     }));
+    for w in config.render_warnings(&config_name(&config)) {
+        tracing::warn!(warning = %w, "config");
+    }
+    let (mut remediator, mut results) = Remediator::new(&config, store.clone()).await;
     let (cmd_tx, mut commands) = tokio::sync::mpsc::channel::<control::Command>(16);
     control::serve(
         &config.socket_path(),
@@ -56,7 +61,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         node = %config.agent.node_id,
         state_dir = %config.agent.state_dir.display(),
         targets = config.targets.len(),
-        config = %config.source.as_ref().map_or("<built-in>".to_string(), |p| p.display().to_string()),
+        config = %config_name(&config),
         "outpost started"
     );
 
@@ -72,6 +77,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             &progress,
             &mut hup,
             &mut commands,
+            &mut remediator,
+            &mut results,
             &mut first,
             generation.clone(),
         )
@@ -91,6 +98,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     ..*new
                 };
                 tracing::info!(targets = config.targets.len(), "config reloaded");
+                remediator.reconfigure(&config);
+                for w in config.render_warnings(&config_name(&config)) {
+                    tracing::warn!(warning = %w, "config");
+                }
                 // READY=1 after the first sample under the new config ends
                 // systemd's RELOADING state.
                 first = true;
@@ -117,6 +128,8 @@ async fn pipeline(
     progress: &Progress,
     hup: &mut tokio::signal::unix::Signal,
     commands: &mut tokio::sync::mpsc::Receiver<control::Command>,
+    remediator: &mut Remediator,
+    results: &mut tokio::sync::mpsc::UnboundedReceiver<ActionResult>,
     first: &mut bool,
     token: CancellationToken,
 ) -> Exit {
@@ -136,7 +149,15 @@ async fn pipeline(
             biased;
             _ = token.cancelled() => return Exit::Shutdown,
             Some((request, reply)) = commands.recv() => {
-                let _ = reply.send(handle_request(request));
+                let answer = match request {
+                    control::Request::Approve { id } => remediator.answer(id, true, "local"),
+                    control::Request::Deny { id } => remediator.answer(id, false, "local"),
+                    control::Request::Status => control::Reply { ok: true, message: "ok".into() },
+                };
+                let _ = reply.send(answer);
+            }
+            Some(result) = results.recv() => {
+                remediator.on_result(result).await;
             }
             _ = hup.recv() => {
                 if let Some(new) = reload(cfg, notifier) {
@@ -148,6 +169,7 @@ async fn pipeline(
                 let sample = sampler.sample(now).await;
                 let mono_ms = now.duration_since(base).as_millis() as i64;
                 windows.push(mono_ms, &sample);
+                remediator.step(&sample, &[]).await;
                 progress.tick();
                 let vector = if now >= next_step {
                     while next_step <= now {
@@ -191,19 +213,6 @@ async fn pipeline(
     }
 }
 
-fn handle_request(request: control::Request) -> control::Reply {
-    match request {
-        control::Request::Status => control::Reply {
-            ok: true,
-            message: "use a bare status query".into(),
-        },
-        control::Request::Approve { id } | control::Request::Deny { id } => control::Reply {
-            ok: false,
-            message: format!("no decision {id} is awaiting approval"),
-        },
-    }
-}
-
 /// Loads the config file again; `None` (and an error log) when it is
 /// refused, so the caller keeps the running config.
 fn reload(cfg: &Config, notifier: &Notifier) -> Option<Config> {
@@ -228,4 +237,10 @@ fn reload(cfg: &Config, notifier: &Notifier) -> Option<Config> {
             None
         }
     }
+}
+
+fn config_name(cfg: &Config) -> String {
+    cfg.source
+        .as_ref()
+        .map_or("<built-in>".to_string(), |p| p.display().to_string())
 }

@@ -5,4 +5,5 @@
 pub mod apt;
 pub mod nspawn;
 pub mod podman;
+pub mod remediation;
 pub mod systemd;

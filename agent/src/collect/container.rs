@@ -36,8 +36,8 @@ pub enum ContainerError {
         #[source]
         source: BollardError,
     },
-    #[error("{socket}: no answer within {} ms", CALL_TIMEOUT.as_millis())]
-    Timeout { socket: String },
+    #[error("{socket}: no answer within {} ms", within.as_millis())]
+    Timeout { socket: String, within: Duration },
 }
 
 #[derive(Debug)]
@@ -77,12 +77,12 @@ impl std::fmt::Debug for ContainerCollector {
 
 /// What one inspect told about a container.
 #[derive(Debug, Clone, PartialEq)]
-struct Reading {
-    state: String,
-    up: bool,
-    restarts: Option<f64>,
-    healthy: Option<bool>,
-    detail: Option<String>,
+pub(crate) struct Reading {
+    pub(crate) state: String,
+    pub(crate) up: bool,
+    pub(crate) restarts: Option<f64>,
+    pub(crate) healthy: Option<bool>,
+    pub(crate) detail: Option<String>,
 }
 
 enum Outcome {
@@ -230,38 +230,10 @@ impl ContainerCollector {
         }
     }
 
-    /// Tries the candidate sockets in order; the first that answers wins.
     async fn connect(&self, deadline: tokio::time::Instant) -> Result<Client, ContainerError> {
-        let candidates = match &self.configured {
-            Some(p) => vec![p.clone()],
-            None => default_sockets(
-                std::env::var("DOCKER_HOST").ok().as_deref(),
-                std::env::var_os("XDG_RUNTIME_DIR")
-                    .as_deref()
-                    .map(Path::new),
-            ),
-        };
-        let mut last_err = None;
-        for socket in candidates.iter().filter(|p| p.exists()) {
-            match connect_to(socket, deadline).await {
-                Ok(docker) => {
-                    return Ok(Client {
-                        docker,
-                        socket: socket.clone(),
-                    })
-                }
-                Err(e) => last_err = Some(e),
-            }
-        }
-        Err(last_err.unwrap_or_else(|| {
-            ContainerError::NoSocket(
-                candidates
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            )
-        }))
+        let (docker, socket) =
+            connect_any(self.configured.as_deref(), deadline, CALL_TIMEOUT).await?;
+        Ok(Client { docker, socket })
     }
 
     fn all_unavailable(&self, sample: &mut Sample) {
@@ -284,6 +256,42 @@ fn status(target: &ContainerTarget, state: &str, detail: Option<String>) -> Targ
     }
 }
 
+/// Connects to `configured`, or when `None` tries the sockets of
+/// [`default_sockets`] in order; the first that answers wins. Returns the
+/// client (API version negotiated), whose calls time out after
+/// `call_timeout` (whole seconds), and the socket it talks to.
+pub(crate) async fn connect_any(
+    configured: Option<&Path>,
+    deadline: tokio::time::Instant,
+    call_timeout: Duration,
+) -> Result<(Docker, PathBuf), ContainerError> {
+    let candidates = match configured {
+        Some(p) => vec![p.to_path_buf()],
+        None => default_sockets(
+            std::env::var("DOCKER_HOST").ok().as_deref(),
+            std::env::var_os("XDG_RUNTIME_DIR")
+                .as_deref()
+                .map(Path::new),
+        ),
+    };
+    let mut last_err = None;
+    for socket in candidates.iter().filter(|p| p.exists()) {
+        match connect_to(socket, deadline, call_timeout).await {
+            Ok(docker) => return Ok((docker, socket.clone())),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| {
+        ContainerError::NoSocket(
+            candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    }))
+}
+
 /// The sockets looked at, in order, when none is configured.
 fn default_sockets(docker_host: Option<&str>, xdg_runtime_dir: Option<&Path>) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -304,10 +312,11 @@ fn default_sockets(docker_host: Option<&str>, xdg_runtime_dir: Option<&Path>) ->
 async fn connect_to(
     socket: &Path,
     deadline: tokio::time::Instant,
+    call_timeout: Duration,
 ) -> Result<Docker, ContainerError> {
     let name = socket.display().to_string();
     let docker =
-        Docker::connect_with_unix(&name, CALL_TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION)
+        Docker::connect_with_unix(&name, call_timeout.as_secs(), bollard::API_DEFAULT_VERSION)
             .map_err(|source| ContainerError::Connect {
                 socket: name.clone(),
                 source,
@@ -318,7 +327,10 @@ async fn connect_to(
             socket: name,
             source,
         }),
-        Err(_) => Err(ContainerError::Timeout { socket: name }),
+        Err(_) => Err(ContainerError::Timeout {
+            socket: name,
+            within: call_timeout,
+        }),
     }
 }
 
@@ -339,7 +351,7 @@ async fn inspect(docker: &Docker, container: &str, deadline: tokio::time::Instan
 }
 
 /// Turns an inspect answer into state, signals and detail.
-fn read(info: &ContainerInspectResponse) -> Reading {
+pub(crate) fn read(info: &ContainerInspectResponse) -> Reading {
     let restarts = info.restart_count.map(|n| n as f64);
     let Some(state) = &info.state else {
         return Reading {

@@ -65,9 +65,12 @@ pub struct SystemdCollector {
     timeouts_in_a_row: u32,
 }
 
-struct Bus {
-    conn: zbus::Connection,
-    manager: ManagerProxy<'static>,
+/// A connection to systemd with `Manager.Subscribe()` done (the actuators
+/// share this with the collector's way of connecting).
+#[derive(Clone)]
+pub(crate) struct Bus {
+    pub(crate) conn: zbus::Connection,
+    pub(crate) manager: ManagerProxy<'static>,
 }
 
 struct UnitTarget {
@@ -291,7 +294,7 @@ impl SystemdCollector {
     }
 }
 
-async fn connect(address: Option<&str>) -> Result<Bus, SystemdError> {
+pub(crate) async fn connect(address: Option<&str>) -> Result<Bus, SystemdError> {
     let builder = match address {
         Some(a) => zbus::connection::Builder::address(a),
         None => zbus::connection::Builder::system(),

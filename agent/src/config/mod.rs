@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use locate::Locator;
 
+pub use crate::decide::{CommandSpec, GuardConfig, Rule};
+
 /// Defaults, named so the documented example and the code agree.
 pub const DEFAULT_SAMPLE_INTERVAL_MS: u64 = 1000;
 pub const DEFAULT_FEATURE_WINDOW: Duration = Duration::from_secs(60);
@@ -37,6 +39,17 @@ pub struct Config {
     pub features: FeaturesConfig,
     pub collect: CollectConfig,
     pub targets: Vec<Target>,
+    /// `[[rule]]`, in file order.
+    pub rules: Vec<Rule>,
+    /// `[guard]`.
+    pub guard: GuardConfig,
+    /// `[[command]]`: the only commands `exec:NAME` may run.
+    pub commands: Vec<CommandSpec>,
+    /// Accepted but worth telling the operator: a rule on a protected unit,
+    /// a built-in protection removed. `check-config` prints them and the
+    /// daemon logs them at load; their line and column are filled in like
+    /// errors'.
+    pub warnings: Vec<Problem>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -291,10 +304,8 @@ pub fn parse_str(text: &str, file: &str) -> Result<Config, ConfigError> {
             });
         }
     };
-    raw.validate().map_err(|errs| ConfigError::Invalid {
-        file: file.to_string(),
-        problems: errs
-            .into_iter()
+    let locate = |list: raw::Errors| -> Vec<Problem> {
+        list.into_iter()
             .map(|(key, message)| {
                 let (line, col) = locator.at_key(&key);
                 Problem {
@@ -304,8 +315,33 @@ pub fn parse_str(text: &str, file: &str) -> Result<Config, ConfigError> {
                     message,
                 }
             })
-            .collect(),
-    })
+            .collect()
+    };
+    match raw.validate() {
+        Ok((mut cfg, warnings)) => {
+            cfg.warnings = locate(warnings);
+            Ok(cfg)
+        }
+        Err(errs) => Err(ConfigError::Invalid {
+            file: file.to_string(),
+            problems: locate(errs),
+        }),
+    }
+}
+
+impl Config {
+    /// The warnings as `FILE:LINE:COL: warning: key: message` lines.
+    pub fn render_warnings(&self, file: &str) -> Vec<String> {
+        self.warnings
+            .iter()
+            .map(|p| {
+                format!(
+                    "{file}:{}:{}: warning: {}: {}",
+                    p.line, p.col, p.key, p.message
+                )
+            })
+            .collect()
+    }
 }
 
 /// Parses a duration such as `"30s"`, `"5m"`, `"14d"`, `"1h 30m"`.

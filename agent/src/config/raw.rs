@@ -8,6 +8,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::*;
+use crate::decide::{
+    policy, ActionKind, ActionTarget, Condition, Mode, Persist, ProtectedUnits, Verify, VerifyCheck,
+};
 
 /// (dotted key, what is wrong)
 pub(super) type Errors = Vec<(String, String)>;
@@ -25,6 +28,48 @@ pub struct RawConfig {
     pub collect: RawCollect,
     #[serde(default, rename = "target")]
     pub targets: Vec<RawTarget>,
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RawRule>,
+    #[serde(default)]
+    pub guard: RawGuard,
+    #[serde(default, rename = "command")]
+    pub commands: Vec<RawCommand>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub name: String,
+    pub target: String,
+    pub when: String,
+    #[serde(rename = "for")]
+    pub persist: Option<String>,
+    #[serde(rename = "do")]
+    pub action: String,
+    pub mode: Option<Mode>,
+    pub cooldown: Option<String>,
+    pub max_per_hour: Option<u32>,
+    pub verify: Option<String>,
+    pub escalate: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGuard {
+    pub max_actions_per_hour: Option<u32>,
+    pub protected_units: Option<Vec<String>>,
+    pub unprotect: Option<Vec<String>>,
+    pub pause_file: Option<PathBuf>,
+    pub dry_run: Option<bool>,
+    pub approval_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCommand {
+    pub name: String,
+    pub argv: Vec<String>,
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,7 +157,8 @@ fn valid_name(s: &str) -> bool {
 }
 
 impl RawConfig {
-    pub(super) fn validate(self) -> Result<Config, Errors> {
+    /// The checked config and its warnings, or every problem found.
+    pub(super) fn validate(self) -> Result<(Config, Errors), Errors> {
         let mut errs = Errors::new();
 
         let node_id = match self.agent.node_id {
@@ -239,23 +285,45 @@ impl RawConfig {
             }
         }
 
+        let mut warnings = Errors::new();
+        let commands = validate_commands(self.commands, &mut errs);
+        let guard = self.guard.validate(&state_dir, &mut errs, &mut warnings);
+        let rules = validate_rules(
+            self.rules,
+            &RuleContext {
+                targets: &targets,
+                target_names: &names,
+                commands: &commands,
+                guard: &guard,
+            },
+            &mut errs,
+            &mut warnings,
+        );
+
         if errs.is_empty() {
-            Ok(Config {
-                source: None,
-                agent: AgentConfig {
-                    node_id,
-                    state_dir,
-                    sample_interval,
+            Ok((
+                Config {
+                    source: None,
+                    agent: AgentConfig {
+                        node_id,
+                        state_dir,
+                        sample_interval,
+                    },
+                    store: StoreConfig {
+                        retention,
+                        max_db_bytes: max_db_mb.saturating_mul(1024 * 1024),
+                        flush_interval,
+                    },
+                    features: FeaturesConfig { window, step },
+                    collect,
+                    targets,
+                    rules,
+                    guard,
+                    commands,
+                    warnings: Vec::new(),
                 },
-                store: StoreConfig {
-                    retention,
-                    max_db_bytes: max_db_mb.saturating_mul(1024 * 1024),
-                    flush_interval,
-                },
-                features: FeaturesConfig { window, step },
-                collect,
-                targets,
-            })
+                warnings,
+            ))
         } else {
             Err(errs)
         }
@@ -427,4 +495,470 @@ fn parse_http_url(url: &str) -> Result<(String, u16, String), String> {
         return Err(format!("{url:?} has no host"));
     }
     Ok((host, port, path.to_string()))
+}
+
+fn validate_commands(raw: Vec<RawCommand>, errs: &mut Errors) -> Vec<CommandSpec> {
+    if raw.len() > policy::MAX_COMMANDS {
+        errs.push((
+            "command".into(),
+            format!(
+                "at most {} commands, got {}",
+                policy::MAX_COMMANDS,
+                raw.len()
+            ),
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, c) in raw.into_iter().enumerate() {
+        let at = format!("command[{i}]");
+        let mut ok = true;
+        if !valid_name(&c.name) {
+            errs.push((
+                format!("{at}.name"),
+                format!(
+                    "{:?} is not a valid name: use 1 to 64 of a-z, A-Z, 0-9, '_' and '-'",
+                    c.name
+                ),
+            ));
+            ok = false;
+        } else if !names.insert(c.name.clone()) {
+            errs.push((
+                format!("{at}.name"),
+                format!("{:?} is used by another command", c.name),
+            ));
+            ok = false;
+        }
+        match c.argv.first() {
+            None => {
+                errs.push((
+                    format!("{at}.argv"),
+                    "needs at least the program: argv = [\"/usr/bin/program\", \"arg\", …]".into(),
+                ));
+                ok = false;
+            }
+            Some(prog) if !prog.starts_with('/') => {
+                errs.push((
+                    format!("{at}.argv[0]"),
+                    format!(
+                        "{prog:?} must be an absolute path (commands run without a shell or PATH)"
+                    ),
+                ));
+                ok = false;
+            }
+            Some(_) => {}
+        }
+        for (j, arg) in c.argv.iter().enumerate() {
+            if arg.contains('\0') {
+                errs.push((
+                    format!("{at}.argv[{j}]"),
+                    "must not contain a NUL character".into(),
+                ));
+                ok = false;
+            }
+        }
+        let timeout = duration(
+            errs,
+            &format!("{at}.timeout"),
+            &c.timeout,
+            policy::DEFAULT_COMMAND_TIMEOUT,
+        );
+        if timeout > policy::MAX_COMMAND_TIMEOUT {
+            errs.push((
+                format!("{at}.timeout"),
+                format!(
+                    "at most {}",
+                    humantime::format_duration(policy::MAX_COMMAND_TIMEOUT)
+                ),
+            ));
+        }
+        if ok {
+            out.push(CommandSpec {
+                name: c.name,
+                argv: c.argv,
+                timeout,
+            });
+        }
+    }
+    out
+}
+
+impl RawGuard {
+    fn validate(
+        self,
+        state_dir: &std::path::Path,
+        errs: &mut Errors,
+        warnings: &mut Errors,
+    ) -> GuardConfig {
+        let mut guard = GuardConfig::with_state_dir(state_dir);
+        if let Some(n) = self.max_actions_per_hour {
+            if n == 0 {
+                errs.push((
+                    "guard.max_actions_per_hour".into(),
+                    "must be at least 1 (to never act, set dry_run = true or use mode = \"suggest\")"
+                        .into(),
+                ));
+            } else {
+                guard.max_actions_per_hour = n;
+            }
+        }
+        let extra = self.protected_units.unwrap_or_default();
+        for (i, u) in extra.iter().enumerate() {
+            if let Err(e) = unit_pattern(u) {
+                errs.push((format!("guard.protected_units[{i}]"), e));
+            }
+        }
+        let unprotect = self.unprotect.unwrap_or_default();
+        for (i, u) in unprotect.iter().enumerate() {
+            if extra.contains(u) {
+                errs.push((
+                    format!("guard.unprotect[{i}]"),
+                    format!("{u:?} is also in guard.protected_units; it cannot be both"),
+                ));
+            }
+        }
+        match ProtectedUnits::new(extra, unprotect.clone()) {
+            Ok(p) => {
+                for (i, u) in unprotect.iter().enumerate() {
+                    warnings.push((
+                        format!("guard.unprotect[{i}]"),
+                        format!(
+                            "{u} is removed from the built-in protected list: rules may act on it"
+                        ),
+                    ));
+                }
+                guard.protected = p;
+            }
+            Err((i, e)) => errs.push((format!("guard.unprotect[{i}]"), e)),
+        }
+        if let Some(p) = self.pause_file {
+            if p.as_os_str().is_empty() {
+                errs.push(("guard.pause_file".into(), "must not be empty".into()));
+            } else {
+                guard.pause_file = p;
+            }
+        }
+        guard.dry_run = self.dry_run.unwrap_or(false);
+        guard.approval_timeout = duration(
+            errs,
+            "guard.approval_timeout",
+            &self.approval_timeout,
+            policy::DEFAULT_APPROVAL_TIMEOUT,
+        );
+        guard
+    }
+}
+
+/// A unit name with its type suffix, or a glob (`systemd-*`).
+fn unit_pattern(u: &str) -> Result<(), String> {
+    if u.is_empty()
+        || u.chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '/')
+    {
+        Err(format!("{u:?} is not a unit name or pattern"))
+    } else if !u.contains('.') && !u.ends_with('*') {
+        Err(format!(
+            "{u:?} needs its type suffix, e.g. \"{u}.service\" (or end it in * to match any)"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+struct RuleContext<'a> {
+    targets: &'a [Target],
+    /// Every target name written, valid or not.
+    target_names: &'a HashSet<String>,
+    commands: &'a [CommandSpec],
+    guard: &'a GuardConfig,
+}
+
+fn validate_rules(
+    raw: Vec<RawRule>,
+    cx: &RuleContext<'_>,
+    errs: &mut Errors,
+    warnings: &mut Errors,
+) -> Vec<Rule> {
+    if raw.len() > policy::MAX_RULES {
+        errs.push((
+            "rule".into(),
+            format!("at most {} rules, got {}", policy::MAX_RULES, raw.len()),
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        let at = format!("rule[{i}]");
+        if !valid_name(&r.name) {
+            errs.push((
+                format!("{at}.name"),
+                format!(
+                    "{:?} is not a valid name: use 1 to 64 of a-z, A-Z, 0-9, '_' and '-'",
+                    r.name
+                ),
+            ));
+        } else if !names.insert(r.name.clone()) {
+            errs.push((
+                format!("{at}.name"),
+                format!("{:?} is used by another rule", r.name),
+            ));
+        }
+        if let Some(rule) = r.validate(&at, cx, errs, warnings) {
+            out.push(rule);
+        }
+    }
+    out
+}
+
+impl RawRule {
+    fn validate(
+        self,
+        at: &str,
+        cx: &RuleContext<'_>,
+        errs: &mut Errors,
+        warnings: &mut Errors,
+    ) -> Option<Rule> {
+        let Some(target) = cx.targets.iter().find(|t| t.name == self.target) else {
+            // A target that is written but invalid has its own errors.
+            if !cx.target_names.contains(&self.target) {
+                let known: Vec<&str> = cx.targets.iter().map(|t| t.name.as_str()).collect();
+                errs.push((
+                    format!("{at}.target"),
+                    if known.is_empty() {
+                        format!(
+                            "no [[target]] named {:?} (there are no targets)",
+                            self.target
+                        )
+                    } else {
+                        format!(
+                            "no [[target]] named {:?}; targets are: {}",
+                            self.target,
+                            known.join(", ")
+                        )
+                    },
+                ));
+            }
+            return None;
+        };
+        let kind = target.kind.as_str();
+        let action_target = match &target.kind {
+            TargetKind::Host => ActionTarget::Host,
+            TargetKind::Systemd { unit } => ActionTarget::Systemd { unit: unit.clone() },
+            TargetKind::Container { container } => ActionTarget::Container {
+                container: container.clone(),
+            },
+            TargetKind::Process { process } => ActionTarget::Process {
+                process: process.clone(),
+            },
+        };
+        let errors_before = errs.len();
+
+        let when = match Condition::parse(&self.when, &target.name, kind) {
+            Ok(c) => {
+                let needs = match c {
+                    Condition::ProbeFailed if target.probe.is_none() => {
+                        Some("a target with a probe")
+                    }
+                    Condition::UnitFailed | Condition::UnitInactive if kind != "systemd" => {
+                        Some("a systemd target")
+                    }
+                    Condition::ContainerExited | Condition::ContainerUnhealthy
+                        if kind != "container" =>
+                    {
+                        Some("a container target")
+                    }
+                    _ => None,
+                };
+                if let Some(needs) = needs {
+                    errs.push((
+                        format!("{at}.when"),
+                        format!(
+                            "{c} needs {needs}; target {:?} is a {kind} target{}",
+                            target.name,
+                            if target.probe.is_none() {
+                                " without a probe"
+                            } else {
+                                ""
+                            }
+                        ),
+                    ));
+                }
+                Some(c)
+            }
+            Err(e) => {
+                errs.push((format!("{at}.when"), e));
+                None
+            }
+        };
+
+        let persist = match self.persist.as_deref().map(Persist::parse) {
+            None => Persist::default(),
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                errs.push((format!("{at}.for"), e));
+                Persist::default()
+            }
+        };
+
+        let action = self.check_action(&self.action, "do", at, target, cx, errs);
+        let mode = self.mode.unwrap_or(Mode::Suggest);
+        let cooldown = duration(
+            errs,
+            &format!("{at}.cooldown"),
+            &self.cooldown,
+            policy::DEFAULT_COOLDOWN,
+        );
+        let max_per_hour = self.max_per_hour.unwrap_or(policy::DEFAULT_MAX_PER_HOUR);
+        if !(1..=policy::MAX_PER_HOUR_LIMIT).contains(&max_per_hour) {
+            errs.push((
+                format!("{at}.max_per_hour"),
+                format!(
+                    "must be between 1 and {} (to never act, use mode = \"suggest\"), got {max_per_hour}",
+                    policy::MAX_PER_HOUR_LIMIT
+                ),
+            ));
+        }
+
+        let is_notify = action.as_ref() == Some(&ActionKind::Notify);
+        let verify = match self.verify.as_deref() {
+            None => Verify::default(),
+            Some(_) if is_notify => {
+                errs.push((
+                    format!("{at}.verify"),
+                    "a rule that does \"notify\" changes nothing, so there is nothing to verify"
+                        .into(),
+                ));
+                Verify::default()
+            }
+            Some(text) => match Verify::parse(text) {
+                Ok(v) => {
+                    let needs = match v.check {
+                        VerifyCheck::ProbeOk if target.probe.is_none() => {
+                            Some("a target with a probe")
+                        }
+                        VerifyCheck::UnitActive if kind != "systemd" => Some("a systemd target"),
+                        VerifyCheck::ContainerRunning if kind != "container" => {
+                            Some("a container target")
+                        }
+                        _ => None,
+                    };
+                    if let Some(needs) = needs {
+                        errs.push((
+                            format!("{at}.verify"),
+                            format!(
+                                "{} needs {needs}; target {:?} is a {kind} target",
+                                v.check.label(),
+                                target.name
+                            ),
+                        ));
+                    }
+                    v
+                }
+                Err(e) => {
+                    errs.push((format!("{at}.verify"), e));
+                    Verify::default()
+                }
+            },
+        };
+        let escalate = match self.escalate.as_deref() {
+            None => Some(ActionKind::Notify),
+            Some(_) if is_notify => {
+                errs.push((
+                    format!("{at}.escalate"),
+                    "a rule that does \"notify\" never escalates: nothing was tried".into(),
+                ));
+                None
+            }
+            Some(text) => self.check_action(text, "escalate", at, target, cx, errs),
+        };
+
+        if let (Some(action), TargetKind::Systemd { unit }) = (&action, &target.kind) {
+            if cx.guard.protected.is_protected(unit) {
+                let escalation = escalate.as_ref().filter(|e| e.touches_host());
+                if action.touches_host() || escalation.is_some() {
+                    warnings.push((
+                        format!("{at}.target"),
+                        format!(
+                            "{unit} is a protected unit: outpost will never {} it; every match \
+                             is recorded as suppressed (protected)",
+                            if action.touches_host() {
+                                action.label()
+                            } else {
+                                escalation.map(ActionKind::label).unwrap_or_default()
+                            }
+                        ),
+                    ));
+                }
+            }
+        }
+
+        if errs.len() > errors_before {
+            return None;
+        }
+        Some(Rule {
+            name: self.name,
+            target: target.name.clone(),
+            action_target,
+            when: when?,
+            persist,
+            action: action?,
+            mode,
+            cooldown,
+            max_per_hour,
+            verify,
+            escalate: escalate?,
+        })
+    }
+
+    /// Parses `do` or `escalate` and checks it fits the target and names a
+    /// known command.
+    fn check_action(
+        &self,
+        text: &str,
+        field: &str,
+        at: &str,
+        target: &Target,
+        cx: &RuleContext<'_>,
+        errs: &mut Errors,
+    ) -> Option<ActionKind> {
+        let key = format!("{at}.{field}");
+        let action = match ActionKind::parse(text) {
+            Ok(a) => a,
+            Err(e) => {
+                errs.push((key, e));
+                return None;
+            }
+        };
+        let kind = target.kind.as_str();
+        if action.is_lifecycle() && !matches!(kind, "systemd" | "container") {
+            errs.push((
+                key,
+                format!(
+                    "{} needs a systemd or container target; target {:?} is a {kind} target \
+                     (use exec:NAME or notify)",
+                    action.label(),
+                    target.name
+                ),
+            ));
+            return None;
+        }
+        if let ActionKind::Exec(name) = &action {
+            if !cx.commands.iter().any(|c| &c.name == name) {
+                let known: Vec<&str> = cx.commands.iter().map(|c| c.name.as_str()).collect();
+                errs.push((
+                    key,
+                    if known.is_empty() {
+                        format!("no [[command]] named {name:?} (there are no commands)")
+                    } else {
+                        format!(
+                            "no [[command]] named {name:?}; commands are: {}",
+                            known.join(", ")
+                        )
+                    },
+                ));
+                return None;
+            }
+        }
+        Some(action)
+    }
 }

@@ -54,11 +54,17 @@ pub enum Mode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum ActionTarget {
-    Systemd { unit: String },
-    Container { container: String },
+    Systemd {
+        unit: String,
+    },
+    Container {
+        container: String,
+    },
     /// Host and process targets take only exec and notify.
     Host,
-    Process { process: String },
+    Process {
+        process: String,
+    },
 }
 
 /// An operator-defined command: argv without a shell.
