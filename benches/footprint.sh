@@ -41,6 +41,9 @@ node_id = "bench"
 state_dir = "$work/state"
 sample_interval_ms = 1000
 
+[store]
+flush_interval = "${FLUSH:-10m}"
+
 [[target]]
 name = "web"
 kind = "process"
@@ -108,3 +111,4 @@ echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), warm-up ${WARMUP}s, measured ${MEASURE}s"
 echo "outpost log lines at WARN/ERROR:"; grep -E ' (WARN|ERROR) ' "$work/outpost.log" | head -5 || true
 ls -l "$work/state" | sed 's/^/  /'
+if [ -n "${KEEP_DB:-}" ]; then cp "$work/state/outpost.db"* "$(dirname "$KEEP_DB")/" 2>/dev/null; cp "$work/state/outpost.db" "$KEEP_DB"; fi

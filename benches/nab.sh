@@ -19,16 +19,9 @@ else
 fi
 cd "$repo"
 
-# `outpost replay` when the binary has it, else the example.
-cargo build --quiet --release -p outpost --bin outpost
-if target/release/outpost replay --help >/dev/null 2>&1; then
-    run() { target/release/outpost replay --input "$1" --output "$2" --detector baseline; }
-    via="outpost replay"
-else
-    cargo build --quiet --release -p outpost --example replay
-    run() { target/release/examples/replay "$1" "$2" --detector baseline; }
-    via="examples/replay"
-fi
+cargo build --quiet --release --locked -p outpost --bin outpost
+run() { target/release/outpost replay --input "$1" --output "$2" --detector baseline; }
+via="outpost replay"
 
 rows=0; inproc=0
 start=$(date +%s.%N)
@@ -37,7 +30,7 @@ while IFS= read -r f; do
     line="$(run "$f" "$out/$rel")"
     n=$(( $(wc -l < "$f") - 1 ))
     rows=$(( rows + n ))
-    # The example reports its own time (reading, detecting, writing).
+    # replay reports its own time (reading, detecting, writing).
     s="$(sed -n 's/.*seconds=\([0-9.]*\).*/\1/p' <<<"$line")"
     [[ -n "$s" ]] && inproc="$(awk -v a="$inproc" -v b="$s" 'BEGIN { printf "%.6f", a + b }')"
 done < <(find "$data" -name '*.csv' | sort)

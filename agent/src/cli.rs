@@ -83,6 +83,18 @@ pub enum Command {
         place: StatePlace,
         id: u64,
     },
+    /// Run a detector over a recorded CSV (an `outpost export` file, or a
+    /// NAB-style `timestamp,value` file) as fast as it can; writes one row per
+    /// input row with `anomaly_score` in [0, 1].
+    Replay {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// `baseline` (the built-in detector).
+        #[arg(long, default_value = "baseline")]
+        detector: String,
+    },
     /// Write stored feature vectors as CSV (a header of feature names).
     Export {
         #[command(flatten)]
@@ -182,6 +194,11 @@ pub fn execute(cli: Cli) -> u8 {
             Ok(cfg) => decide_request(&cfg, crate::control::Request::Deny { id }),
             Err(e) => bad_config(&e),
         },
+        Command::Replay {
+            input,
+            output,
+            detector,
+        } => replay(&input, &output, &detector),
         Command::Export { place, since, out } => {
             let cfg = match place.config() {
                 Ok(c) => c,
@@ -525,6 +542,38 @@ fn decide_request(cfg: &Config, req: crate::control::Request) -> u8 {
         }
         Ok(reply) => {
             eprintln!("refused: {}", reply.message);
+            EXIT_BAD_INPUT
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            EXIT_RUNTIME
+        }
+    }
+}
+
+fn replay(input: &Path, output: &Path, detector: &str) -> u8 {
+    use crate::detect::baseline::BaselineConfig;
+    use crate::detect::replay::{ReplayDetector, ReplayError};
+    let detector = match detector {
+        "baseline" => ReplayDetector::Baseline(BaselineConfig::default()),
+        other => {
+            eprintln!("--detector: expected `baseline`, got {other:?}");
+            return EXIT_BAD_INPUT;
+        }
+    };
+    match crate::detect::replay::replay(input, output, detector) {
+        Ok(s) => {
+            println!(
+                "rows={} alerts={} seconds={:.6} rows_per_sec={:.0}",
+                s.rows,
+                s.alerts,
+                s.elapsed.as_secs_f64(),
+                s.rows_per_sec()
+            );
+            EXIT_OK
+        }
+        Err(e @ ReplayError::Parse { .. }) => {
+            eprintln!("{e}");
             EXIT_BAD_INPUT
         }
         Err(e) => {

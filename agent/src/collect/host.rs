@@ -86,6 +86,19 @@ enum SourceError {
     Missing(&'static str),
 }
 
+/// Interfaces that are not watched: loopback, and the per-container and
+/// per-VM ends (veth, calico, tap, vnet) that come and go with every
+/// container: each would add and drop six signals, and every such change
+/// is a new feature schema in the store.
+const SKIPPED_INTERFACE_PREFIXES: [&str; 5] = ["veth", "cali", "tap", "vnet", "lxc"];
+
+fn skip_interface(name: &str) -> bool {
+    name == "lo"
+        || SKIPPED_INTERFACE_PREFIXES
+            .iter()
+            .any(|p| name.starts_with(p))
+}
+
 /// `statvfs(2)` figures for one mount.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FsUsage {
@@ -688,7 +701,7 @@ impl HostCollector {
         };
         let generation = self.generation;
         for (name, dev) in &status.0 {
-            if name == "lo" {
+            if skip_interface(name) {
                 continue;
             }
             let iface = self.ifaces.entry(name.clone()).or_insert_with(|| {
@@ -897,6 +910,18 @@ fn looks_like_partition(name: &str) -> bool {
 mod tests {
     use super::*;
     use std::fs;
+
+    #[test]
+    fn container_interfaces_are_skipped() {
+        for name in ["lo", "veth4835bb59", "cali1234", "tap0", "vnet3", "lxc1a2b"] {
+            assert!(skip_interface(name), "{name}");
+        }
+        for name in [
+            "eth0", "enp0s3", "wlan0", "docker0", "podman0", "br0", "wg0",
+        ] {
+            assert!(!skip_interface(name), "{name}");
+        }
+    }
 
     const STAT_1: &str = "cpu  15154 0 4506 122390 582 0 61 179 0 0
 cpu0 6603 0 1980 62677 70 0 8 90 0 0

@@ -188,19 +188,33 @@ struct Rates {
     clip: f64,
     band: f64,
     inv_excess: f64,
+    alert: f32,
     learning: u32,
 }
 
 impl Rates {
     fn of(cfg: &BaselineConfig) -> Rates {
-        let half_life = |h: f64| if h.is_finite() && h >= 1.0 { h } else { 1.0 };
+        let half_life = |h: f64, default: f64| {
+            if h.is_finite() && h >= 1.0 {
+                h
+            } else {
+                default
+            }
+        };
         let pos = |v: f64, default: f64| if v.is_finite() && v > 0.0 { v } else { default };
+        let hl = half_life(cfg.half_life_steps, DEFAULT_HALF_LIFE_STEPS);
+        let range_hl = half_life(cfg.range_half_life_steps, DEFAULT_RANGE_HALF_LIFE_STEPS);
         Rates {
-            alpha: 1.0 - 0.5f64.powf(1.0 / half_life(cfg.half_life_steps)),
-            range_decay: 0.5f64.powf(1.0 / half_life(cfg.range_half_life_steps)),
+            alpha: 1.0 - 0.5f64.powf(1.0 / hl),
+            range_decay: 0.5f64.powf(1.0 / range_hl),
             clip: pos(cfg.clip_scales, DEFAULT_CLIP_SCALES),
             band: pos(cfg.range_min_scales, DEFAULT_RANGE_MIN_SCALES),
             inv_excess: 1.0 / pos(cfg.excess_scale, DEFAULT_EXCESS_SCALE),
+            alert: if cfg.alert_score > 0.0 && cfg.alert_score <= 1.0 {
+                cfg.alert_score
+            } else {
+                DEFAULT_ALERT_SCORE
+            },
             learning: cfg.learning_steps,
         }
     }
@@ -299,6 +313,12 @@ impl Baseline {
         &self.cfg
     }
 
+    /// The score at or above which a step is an alert (the configured
+    /// `alert_score`, or its default when out of its domain).
+    pub fn alert_score(&self) -> f32 {
+        self.rates.alert
+    }
+
     /// Scores one observation vector (`names[i]` is the name of
     /// `values[i]`, e.g. a [`FeatureVector`](super::features::FeatureVector)'s),
     /// then learns from it. Non-finite values are missing: they neither
@@ -342,7 +362,7 @@ impl Baseline {
             self.quiet -= 1;
             0.0
         } else {
-            if raw >= self.cfg.alert_score {
+            if raw >= r.alert {
                 self.quiet = self.cfg.refractory_steps;
             }
             raw
@@ -394,7 +414,10 @@ mod tests {
     use super::*;
 
     fn names(list: &[&str]) -> Arc<[String]> {
-        list.iter().map(|s| s.to_string()).collect::<Vec<_>>().into()
+        list.iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .into()
     }
 
     /// A deterministic noise source (xorshift), uniform in [-1, 1].
@@ -428,7 +451,10 @@ mod tests {
         let mut b = Baseline::new(BaselineConfig::default());
         let mut noise = Noise(42);
         for _ in 0..1000 {
-            let s = b.update(&n, &[50.0 + noise.next(), 30.0 + noise.next(), 5.0 + noise.next()]);
+            let s = b.update(
+                &n,
+                &[50.0 + noise.next(), 30.0 + noise.next(), 5.0 + noise.next()],
+            );
             assert!(s.score < DEFAULT_ALERT_SCORE, "{s:?}");
         }
         // mem jumps by 10 spreads.
@@ -441,7 +467,10 @@ mod tests {
         // The alert is not repeated while the new level lasts: refractory
         // period first, then the range has absorbed the new level.
         for step in 0..2000 {
-            let s = b.update(&n, &[50.0 + noise.next(), 40.0 + noise.next(), 5.0 + noise.next()]);
+            let s = b.update(
+                &n,
+                &[50.0 + noise.next(), 40.0 + noise.next(), 5.0 + noise.next()],
+            );
             assert!(s.score < DEFAULT_ALERT_SCORE, "step {step}: {s:?}");
         }
     }

@@ -97,10 +97,7 @@ pub fn replay(
         let path = path.to_path_buf();
         move |source| ReplayError::Io { path, source }
     };
-    let reader = BufReader::with_capacity(
-        1 << 16,
-        File::open(input).map_err(io_err(input))?,
-    );
+    let reader = BufReader::with_capacity(1 << 16, File::open(input).map_err(io_err(input))?);
     if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
     }
@@ -192,7 +189,7 @@ impl Detector {
         match self {
             Detector::Baseline(b, out) => {
                 b.update_into(names, values, out);
-                (out.score, out.score >= b.config().alert_score)
+                (out.score, out.score >= b.alert_score())
             }
         }
     }
@@ -228,7 +225,10 @@ fn run<R: BufRead, W: Write>(
     } else if first == "ts_ms" && cols.len() >= 2 {
         let names: Vec<String> = cols[1..].iter().map(|s| s.to_string()).collect();
         if let Some(i) = names.iter().position(|n| n.is_empty()) {
-            return Err(parse_err(1, format!("column {}: empty feature name", i + 2)));
+            return Err(parse_err(
+                1,
+                format!("column {}: empty feature name", i + 2),
+            ));
         }
         let mut sorted: Vec<&String> = names.iter().collect();
         sorted.sort();
@@ -443,7 +443,11 @@ mod tests {
         let mut text = String::from("ts_ms,a.mean_60s,b.max_60s\n");
         for i in 0..600i64 {
             let a = 1.0 + (i % 5) as f32 * 0.1;
-            let b = if i == 500 { 40.0 } else { 10.0 + (i % 3) as f32 };
+            let b = if i == 500 {
+                40.0
+            } else {
+                10.0 + (i % 3) as f32
+            };
             if i % 50 == 7 {
                 text.push_str(&format!("{},,{b}\n", 1_700_000_000_000 + i * 1000));
             } else {
@@ -481,10 +485,7 @@ mod tests {
 
     #[test]
     fn malformed_input_names_the_line() {
-        assert_eq!(
-            replay_err(""),
-            "1: empty input: expected a header line"
-        );
+        assert_eq!(replay_err(""), "1: empty input: expected a header line");
         assert!(replay_err("time,x,y\n1,2,3\n").starts_with("1: unrecognised header"));
         assert_eq!(
             replay_err("timestamp,value\n2014-02-14 14:30:00,1\n2014-02-14 14:35:00,abc\n"),
@@ -506,10 +507,7 @@ mod tests {
             replay_err("ts_ms,a,b\n1000,1,2\n20s,1,2\n"),
             "3: ts_ms: expected an integer, found \"20s\""
         );
-        assert_eq!(
-            replay_err("ts_ms,a,a\n"),
-            "1: feature \"a\" appears twice"
-        );
+        assert_eq!(replay_err("ts_ms,a,a\n"), "1: feature \"a\" appears twice");
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub const PAGE_SIZE: i64 = 1024;
 /// the database file only once per checkpoint.
 const WAL_AUTOCHECKPOINT_FRAMES: i64 = 900;
 
+/// The writer's page cache, negative as SQLite wants KiB.
+const WRITER_CACHE_KIB: i64 = -256;
+
 /// After a checkpoint the WAL file is truncated to this many bytes.
 const JOURNAL_SIZE_LIMIT: i64 = 2 * 1024 * 1024;
 
@@ -154,6 +157,9 @@ pub fn open_rw(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // The writer appends; it rarely rereads. A small page cache keeps the
+    // daemon's memory flat as the database grows (SQLite's default is 2 MiB).
+    conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
     migrate(&conn)?;
     Ok(conn)
 }
