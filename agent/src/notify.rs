@@ -88,8 +88,10 @@ impl Notifier {
         }
         let me = self.clone();
         tokio::spawn(async move {
-            let mut last = progress.get();
-            let mut tick = tokio::time::interval(period);
+            // The first sample comes within one sample interval of start:
+            // judge progress only from the first full period on.
+            let mut last = 0;
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {

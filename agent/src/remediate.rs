@@ -188,7 +188,13 @@ impl Remediator {
             };
             let clock = self.clock();
             if let Some(follow) = on_action_result(&mut self.state, decision.id, result, clock) {
-                self.handle(follow).await;
+                // A failed action was audited just above, with the actuator's
+                // own account; the engine's ActionFailed would say it twice.
+                if matches!(follow.outcome, Outcome::ActionFailed) {
+                    self.open_incident(&follow).await;
+                } else {
+                    self.handle(follow).await;
+                }
             }
             self.persist().await;
         }

@@ -7,6 +7,32 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 
+/// The daemon under test; killed if a test panics before stopping it, so a
+/// failed test never leaves an agent running.
+struct Daemon(Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn outpost(dir: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
@@ -19,19 +45,21 @@ fn outpost(dir: &Path, args: &[&str]) -> Output {
         .expect("run outpost")
 }
 
-fn spawn(dir: &Path, args: &[&str]) -> Child {
-    Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .env_remove("STATE_DIRECTORY")
-        .env_remove("XDG_STATE_HOME")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("JOURNAL_STREAM")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn outpost")
+fn spawn(dir: &Path, args: &[&str]) -> Daemon {
+    Daemon(
+        Command::new(BIN)
+            .args(args)
+            .current_dir(dir)
+            .env_remove("STATE_DIRECTORY")
+            .env_remove("XDG_STATE_HOME")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn outpost"),
+    )
 }
 
 fn kill(child: &Child, sig: &str) {

@@ -279,7 +279,8 @@ impl Rig {
                 String::from_utf8_lossy(&check.stderr)
             );
         }
-        self.sd.install_unit(OUTPOST_UNIT, &outpost_unit(&self.bin, rust_log))?;
+        self.sd
+            .install_unit(OUTPOST_UNIT, &outpost_unit(&self.bin, rust_log))?;
         let out = self.sd.exec(&["systemctl", "start", OUTPOST_UNIT])?;
         if !out.status.success() {
             bail!(
@@ -358,16 +359,36 @@ impl Rig {
         &self,
         what: &str,
         within: Duration,
-        mut check: impl FnMut(&[AuditRow]) -> Option<T>,
+        check: impl FnMut(&[AuditRow]) -> Option<T>,
     ) -> Result<T> {
-        let mut last = Vec::new();
-        let got = poll(what, within, Duration::from_millis(250), || {
-            let rows = self.actions().map_err(|e| format!("{e:#}"))?;
-            let found = check(&rows);
-            last = rows;
-            found.ok_or_else(|| "not yet".to_string())
-        });
-        got.with_context(|| format!("audit so far:\n{}", format_rows(&last)))
+        wait_audit_with(what, within, || self.actions(), check)
+    }
+
+    /// Waits until the running agent reports `target` with a passing probe
+    /// (`outpost status --json`), so a rule has seen it healthy.
+    pub fn wait_probe_ok(&self, target: &str, within: Duration) -> Result<()> {
+        poll(
+            &format!("outpost to see target {target} with a passing probe"),
+            within,
+            Duration::from_millis(250),
+            || {
+                let out = self
+                    .outpost_ok("status", &["--json"])
+                    .map_err(|e| format!("{e:#}"))?;
+                let doc: Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+                let ok = doc["live"]["targets"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|t| t["name"] == target && t["probe"]["ok"] == true);
+                if ok {
+                    Ok(())
+                } else {
+                    Err(out)
+                }
+            },
+        )
+        .with_context(|| self.journal(OUTPOST_UNIT, 40))
     }
 
     /// `outpost actions --verify-chain` must exit 0.
@@ -435,9 +456,338 @@ impl Rig {
             Ok(rows) => format_rows(&rows),
             Err(e) => format!("(cannot read the audit: {e:#})"),
         };
-        format!(
-            "--- audit ---\n{audit}{}",
-            self.journal(OUTPOST_UNIT, 120)
+        format!("--- audit ---\n{audit}{}", self.journal(OUTPOST_UNIT, 120))
+    }
+}
+
+/// Where [`BusWatch`] writes the messages it sees, inside.
+const BUS_WATCH_LOG: &str = "/run/outpost-test-bus-watch.jsonl";
+const BUS_WATCH_UNIT: &str = "outpost-test-bus-watch.service";
+
+/// Manager methods that queue a job for (or signal) the unit in their first
+/// argument.
+const MANAGER_JOB_METHODS: &[&str] = &[
+    "StartUnit",
+    "StartUnitReplace",
+    "StopUnit",
+    "RestartUnit",
+    "ReloadUnit",
+    "TryRestartUnit",
+    "ReloadOrRestartUnit",
+    "ReloadOrTryRestartUnit",
+    "KillUnit",
+    "EnqueueUnitJob",
+];
+
+/// The same on a unit's own object (`org.freedesktop.systemd1.Unit`).
+const UNIT_JOB_METHODS: &[&str] = &[
+    "Start",
+    "Stop",
+    "Restart",
+    "Reload",
+    "TryRestart",
+    "ReloadOrRestart",
+    "ReloadOrTryRestart",
+    "Kill",
+    "EnqueueJob",
+];
+
+/// A `busctl monitor` inside the container recording every method call to
+/// systemd: independent evidence of which units anyone (outpost) asked
+/// systemd to start, stop, restart or signal, whatever the audit says.
+/// `systemctl` run as root inside uses systemd's private socket, so the
+/// tests' own commands do not show up here.
+pub struct BusWatch<'a> {
+    sd: &'a Systemd,
+}
+
+impl<'a> BusWatch<'a> {
+    /// Starts the monitor as a transient unit and waits until it listens.
+    pub fn start(sd: &'a Systemd) -> Result<BusWatch<'a>> {
+        sd.sh(&format!(
+            "systemd-run --quiet --unit={BUS_WATCH_UNIT} \
+             -p StandardOutput=file:{BUS_WATCH_LOG} -p StandardError=journal \
+             busctl monitor --json=short \
+             --match \"type='method_call',destination='org.freedesktop.systemd1'\""
+        ))?;
+        let watch = BusWatch { sd };
+        // busctl's output is flushed per message: ping systemd over the bus
+        // until the ping shows up, so no later call can be missed.
+        poll(
+            "busctl monitor to see a ping",
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || {
+                sd.sh(
+                    "busctl call org.freedesktop.systemd1 /org/freedesktop/systemd1 \
+                     org.freedesktop.DBus.Peer Ping",
+                )
+                .map_err(|e| format!("{e:#}"))?;
+                let log = sd
+                    .sh(&format!("cat {BUS_WATCH_LOG} 2>/dev/null || true"))
+                    .map_err(|e| format!("{e:#}"))?;
+                if log.contains("\"Ping\"") {
+                    Ok(())
+                } else {
+                    Err(format!("log: {log:?}"))
+                }
+            },
+        )?;
+        Ok(watch)
+    }
+
+    /// Every job-creating or signalling call about `unit` so far, as
+    /// `Member` names in order.
+    pub fn calls(&self, unit: &str) -> Result<Vec<String>> {
+        let log = self.sd.sh(&format!("cat {BUS_WATCH_LOG}"))?;
+        let unit_path = format!("/org/freedesktop/systemd1/unit/{}", bus_label(unit));
+        let mut calls = Vec::new();
+        for line in log.lines().filter(|l| l.starts_with('{')) {
+            let Ok(msg) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            let member = msg["member"].as_str().unwrap_or_default();
+            let interface = msg["interface"].as_str().unwrap_or_default();
+            let about_unit = match interface {
+                "org.freedesktop.systemd1.Manager" => {
+                    MANAGER_JOB_METHODS.contains(&member)
+                        && msg["payload"]["data"][0].as_str() == Some(unit)
+                }
+                "org.freedesktop.systemd1.Unit" => {
+                    UNIT_JOB_METHODS.contains(&member)
+                        && msg["path"].as_str() == Some(unit_path.as_str())
+                }
+                _ => false,
+            };
+            if about_unit {
+                calls.push(member.to_string());
+            }
+        }
+        Ok(calls)
+    }
+}
+
+/// sd-bus's object path label for a unit name: bytes other than
+/// `[A-Za-z0-9]` become `_xx` (lowercase hex).
+pub fn bus_label(name: &str) -> String {
+    let mut s = String::new();
+    for (i, b) in name.bytes().enumerate() {
+        if b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit()) {
+            s.push(char::from(b));
+        } else {
+            let _ = write!(s, "_{b:02x}");
+        }
+    }
+    s
+}
+
+/// Polls `read` (an audit reader) until `check` accepts the rows; on timeout
+/// the error carries the last rows seen.
+pub fn wait_audit_with<T>(
+    what: &str,
+    within: Duration,
+    mut read: impl FnMut() -> Result<Vec<AuditRow>>,
+    mut check: impl FnMut(&[AuditRow]) -> Option<T>,
+) -> Result<T> {
+    let mut last = Vec::new();
+    let got = poll(what, within, Duration::from_millis(250), || {
+        let rows = read().map_err(|e| format!("{e:#}"))?;
+        let found = check(&rows);
+        last = rows;
+        found.ok_or_else(|| "not yet".to_string())
+    });
+    got.with_context(|| format!("audit so far:\n{}", format_rows(&last)))
+}
+
+/// `outpost run` as a child process on the host, with its config and state
+/// in a temporary directory. Killed on drop; [`HostDaemon::stop`] stops it
+/// cleanly and checks that it exited 0.
+pub struct HostDaemon {
+    child: Option<std::process::Child>,
+    bin: PathBuf,
+    config: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl HostDaemon {
+    /// Writes `config` (where `{STATE_DIR}` stands for a fresh state
+    /// directory), checks it with `outpost check-config`, starts the agent
+    /// and waits until its control socket answers.
+    pub fn start(bin: &Path, config: &str) -> Result<HostDaemon> {
+        let dir = tempfile::Builder::new()
+            .prefix("outpost-daemon-")
+            .tempdir()
+            .context("tempdir for the agent")?;
+        let state = dir.path().join("state");
+        let text = config.replace("{STATE_DIR}", &state.to_string_lossy());
+        let config_path = dir.path().join("outpost.toml");
+        std::fs::write(&config_path, &text).context("writing the config")?;
+        let check = std::process::Command::new(bin)
+            .arg("check-config")
+            .arg(&config_path)
+            .output()
+            .context("running outpost check-config")?;
+        if !check.status.success() {
+            bail!(
+                "outpost check-config refused the test config ({}):\n{}{}\n--- config ---\n{text}",
+                check.status,
+                String::from_utf8_lossy(&check.stdout),
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+        let log = std::fs::File::create(dir.path().join("outpost.log")).context("log file")?;
+        let child = std::process::Command::new(bin)
+            .args(["--log-format", "text", "--log-level", "outpost=debug,info"])
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().context("dup log")?)
+            .stderr(log)
+            .spawn()
+            .context("starting outpost run")?;
+        let mut d = HostDaemon {
+            child: Some(child),
+            bin: bin.to_path_buf(),
+            config: config_path,
+            dir,
+        };
+        poll(
+            "the agent's control socket",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                if let Some(c) = d.child.as_mut() {
+                    if let Ok(Some(status)) = c.try_wait() {
+                        return Err(format!("outpost exited early ({status})"));
+                    }
+                }
+                let out = d.cli(&["status", "--json"]).map_err(|e| format!("{e:#}"))?;
+                let doc: Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+                if doc["running"] == true {
+                    Ok(())
+                } else {
+                    Err(out)
+                }
+            },
         )
+        .with_context(|| d.log())?;
+        Ok(d)
+    }
+
+    /// The config file the agent runs with.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// Runs `outpost SUBCOMMAND --config FILE ARGS…`; stdout, or an error
+    /// with the output.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli_output(args)?;
+        if !out.status.success() {
+            bail!(
+                "outpost {} failed ({}):\nstdout: {}\nstderr: {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Like [`HostDaemon::cli`], whatever the exit status.
+    pub fn cli_output(&self, args: &[&str]) -> Result<Output> {
+        let (sub, rest) = args.split_first().ok_or_else(|| anyhow!("no subcommand"))?;
+        std::process::Command::new(&self.bin)
+            .arg(sub)
+            .arg("--config")
+            .arg(&self.config)
+            .args(rest)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .with_context(|| format!("running outpost {}", args.join(" ")))
+    }
+
+    /// The whole audit trail, oldest first.
+    pub fn actions(&self) -> Result<Vec<AuditRow>> {
+        parse_actions(&self.cli(&["actions", "--json", "--limit", "100000"])?)
+    }
+
+    /// Polls the audit trail until `check` accepts it.
+    pub fn wait_audit<T>(
+        &self,
+        what: &str,
+        within: Duration,
+        check: impl FnMut(&[AuditRow]) -> Option<T>,
+    ) -> Result<T> {
+        wait_audit_with(what, within, || self.actions(), check)
+    }
+
+    /// Fails unless the agent is still running.
+    pub fn assert_running(&mut self) -> Result<()> {
+        if let Some(c) = self.child.as_mut() {
+            if let Some(status) = c.try_wait().context("wait for outpost")? {
+                bail!("outpost exited ({status}):\n{}", self.log());
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits (up to 10 s) for a clean exit 0.
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            bail!("outpost is not running");
+        };
+        let pid = child.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().context("wait for outpost")? {
+                if !status.success() {
+                    bail!("outpost exited with {status} on SIGTERM:\n{}", self.log());
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "outpost did not stop within 10 s of SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The agent's log so far (last 150 lines).
+    pub fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("outpost.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(150)..].join("\n");
+        format!("--- outpost log ---\n{tail}")
+    }
+
+    /// The audit and the log, for failure messages.
+    pub fn diagnostics(&self) -> String {
+        let audit = match self.actions() {
+            Ok(rows) => format_rows(&rows),
+            Err(e) => format!("(cannot read the audit: {e:#})"),
+        };
+        format!("--- audit ---\n{audit}{}", self.log())
+    }
+}
+
+impl Drop for HostDaemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

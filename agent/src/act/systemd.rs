@@ -328,6 +328,13 @@ async fn call(
     action: &ActionKind,
 ) -> Result<zbus::OwnedObjectPath, zbus::Error> {
     let (name, mode) = (unit.to_string(), MODE.to_string());
+    if matches!(action, ActionKind::Restart | ActionKind::Start) {
+        // A unit that hit its start limit refuses to start until its failed
+        // state is reset, as `systemctl reset-failed` does; the rule's own
+        // budget, not systemd's start limit, decides how often outpost acts.
+        // Not failed: systemd answers an error, which changes nothing.
+        let _ = manager.reset_failed_unit(name.clone()).await;
+    }
     match action {
         ActionKind::Restart => manager.restart_unit(name, mode).await,
         ActionKind::Stop => manager.stop_unit(name, mode).await,
