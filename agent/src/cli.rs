@@ -77,6 +77,21 @@ pub enum Command {
         place: StatePlace,
         id: u64,
     },
+    /// Stop every action on this node until `outpost resume` (creates the
+    /// guard's pause file; decisions are still made and audited as
+    /// suppressed).
+    Pause {
+        #[command(flatten)]
+        place: StatePlace,
+        /// Why, kept in the pause file for whoever looks next.
+        #[arg(long, default_value = "paused by an operator")]
+        reason: String,
+    },
+    /// Lift a pause (removes the guard's pause file).
+    Resume {
+        #[command(flatten)]
+        place: StatePlace,
+    },
     /// Deny a decision that is waiting for approval.
     Deny {
         #[command(flatten)]
@@ -192,6 +207,14 @@ pub fn execute(cli: Cli) -> u8 {
         },
         Command::Deny { place, id } => match place.config() {
             Ok(cfg) => decide_request(&cfg, crate::control::Request::Deny { id }),
+            Err(e) => bad_config(&e),
+        },
+        Command::Pause { place, reason } => match place.config() {
+            Ok(cfg) => pause(&cfg, &reason),
+            Err(e) => bad_config(&e),
+        },
+        Command::Resume { place } => match place.config() {
+            Ok(cfg) => resume(&cfg),
             Err(e) => bad_config(&e),
         },
         Command::Replay {
@@ -578,6 +601,54 @@ fn replay(input: &Path, output: &Path, detector: &str) -> u8 {
         }
         Err(e) => {
             eprintln!("{e}");
+            EXIT_RUNTIME
+        }
+    }
+}
+
+fn pause(cfg: &Config, reason: &str) -> u8 {
+    let path = &cfg.guard.pause_file;
+    if let Some(dir) = path.parent() {
+        use std::os::unix::fs::DirBuilderExt;
+        // The state directory is private to the agent; create it so.
+        if let Err(e) = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+        {
+            eprintln!("{}: {e}", dir.display());
+            return EXIT_RUNTIME;
+        }
+    }
+    let text = format!("{}\n{}\n", fmt_ms(now_ms()), reason.trim());
+    match std::fs::write(path, text) {
+        Ok(()) => {
+            println!(
+                "paused: nothing acts until `outpost resume` ({})",
+                path.display()
+            );
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            EXIT_RUNTIME
+        }
+    }
+}
+
+fn resume(cfg: &Config) -> u8 {
+    let path = &cfg.guard.pause_file;
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            println!("resumed ({} removed)", path.display());
+            EXIT_OK
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("not paused");
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
             EXIT_RUNTIME
         }
     }

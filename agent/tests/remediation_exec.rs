@@ -271,3 +271,47 @@ fn approve_mode_waits_for_the_operator_and_expires() {
     assert_eq!(count(&rows, "acted"), 1, "{rows:#?}");
     assert_eq!(marks(&marks_file), 1);
 }
+
+#[test]
+fn pause_stops_every_action_until_resume() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cfg, state, marks_file) = config(dir.path(), "auto", closed_port());
+    let out = Command::new(BIN)
+        .args(["pause", "--reason", "maintenance window", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("pause");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(state.join("pause").exists());
+
+    let child = spawn(&cfg);
+    let rows = wait_for(&state, "a paused suppression", |rows| {
+        rows.iter().any(|r| {
+            r["decision"] == "suppressed"
+                && r["reason"].as_str().is_some_and(|s| s.contains("pause"))
+        })
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        count(&actions(&state), "acted"),
+        0,
+        "acted while paused: {rows:#?}"
+    );
+    assert_eq!(marks(&marks_file), 0);
+
+    let out = Command::new(BIN)
+        .args(["resume", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("resume");
+    assert!(out.status.success());
+    wait_for(&state, "an action after resume", |rows| {
+        count(rows, "acted") >= 1
+    });
+    stop(child);
+    assert!(marks(&marks_file) >= 1);
+}
