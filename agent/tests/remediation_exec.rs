@@ -3,36 +3,14 @@
 //! agent does not act again; approve mode waits for `outpost approve`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::Daemon;
+
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
-
-/// The daemon under test; killed if a test panics before stopping it, so a
-/// failed test never leaves an agent running.
-struct Daemon(Child);
-
-impl std::ops::Deref for Daemon {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Daemon {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 fn spawn(cfg: &Path) -> Daemon {
     Daemon(
