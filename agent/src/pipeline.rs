@@ -20,6 +20,20 @@ use crate::store::Store;
 /// TimeoutStopSec must be longer.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_millis(1500);
 
+/// What lives for the agent's whole run, across config reloads.
+struct Agent {
+    store: Store,
+    status: SharedStatus,
+    notifier: Notifier,
+    progress: Progress,
+    hup: tokio::signal::unix::Signal,
+    commands: tokio::sync::mpsc::Receiver<control::Command>,
+    remediator: Remediator,
+    results: tokio::sync::mpsc::UnboundedReceiver<ActionResult>,
+    /// READY=1 is due after the next sample (at start and after a reload).
+    ready_due: bool,
+}
+
 enum Exit {
     Shutdown,
     Reload(Box<Config>),
@@ -41,8 +55,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     for w in config.render_warnings(&config_name(&config)) {
         tracing::warn!(warning = %w, "config");
     }
-    let (mut remediator, mut results) = Remediator::new(&config, store.clone()).await;
-    let (cmd_tx, mut commands) = tokio::sync::mpsc::channel::<control::Command>(16);
+    let (remediator, results) = Remediator::new(&config, store.clone()).await;
+    let (cmd_tx, commands) = tokio::sync::mpsc::channel::<control::Command>(16);
     control::serve(
         &config.socket_path(),
         status.clone(),
@@ -56,7 +70,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.agent.sample_interval,
         shutdown.clone(),
     );
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     tracing::info!(
         node = %config.agent.node_id,
         state_dir = %config.agent.state_dir.display(),
@@ -65,24 +79,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         "outpost started"
     );
 
+    let mut agent = Agent {
+        store,
+        status,
+        notifier,
+        progress,
+        hup,
+        commands,
+        remediator,
+        results,
+        ready_due: true,
+    };
     let mut config = config;
-    let mut first = true;
     loop {
         let generation = shutdown.child_token();
-        let exit = pipeline(
-            &config,
-            &store,
-            &status,
-            &notifier,
-            &progress,
-            &mut hup,
-            &mut commands,
-            &mut remediator,
-            &mut results,
-            &mut first,
-            generation.clone(),
-        )
-        .await;
+        let exit = agent.pipeline(&config, generation.clone()).await;
         generation.cancel();
         match exit {
             Exit::Shutdown => break,
@@ -98,17 +109,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     ..*new
                 };
                 tracing::info!(targets = config.targets.len(), "config reloaded");
-                remediator.reconfigure(&config);
+                agent.remediator.reconfigure(&config);
                 for w in config.render_warnings(&config_name(&config)) {
                     tracing::warn!(warning = %w, "config");
                 }
                 // READY=1 after the first sample under the new config ends
                 // systemd's RELOADING state.
-                first = true;
+                agent.ready_due = true;
             }
         }
     }
 
+    let Agent {
+        store, notifier, ..
+    } = agent;
     notifier.stopping();
     match tokio::time::timeout(SHUTDOWN_DEADLINE, store.close()).await {
         Ok(Ok(())) => {}
@@ -119,94 +133,85 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn pipeline(
-    cfg: &Config,
-    store: &Store,
-    status: &SharedStatus,
-    notifier: &Notifier,
-    progress: &Progress,
-    hup: &mut tokio::signal::unix::Signal,
-    commands: &mut tokio::sync::mpsc::Receiver<control::Command>,
-    remediator: &mut Remediator,
-    results: &mut tokio::sync::mpsc::UnboundedReceiver<ActionResult>,
-    first: &mut bool,
-    token: CancellationToken,
-) -> Exit {
-    let mut sampler = Sampler::new(cfg, token.clone());
-    let mut windows = FeatureWindows::new(cfg.features.window);
-    let base = Instant::now();
-    let mut tick = tokio::time::interval(cfg.agent.sample_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut next_step = base + cfg.features.step;
-    {
-        let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
-        s.config = cfg.source.as_ref().map(|p| p.display().to_string());
-        s.sample_interval_ms = cfg.agent.sample_interval.as_millis() as u64;
-    }
-    loop {
-        tokio::select! {
-            biased;
-            _ = token.cancelled() => return Exit::Shutdown,
-            Some((request, reply)) = commands.recv() => {
-                let answer = match request {
-                    control::Request::Approve { id } => remediator.answer(id, true, "local"),
-                    control::Request::Deny { id } => remediator.answer(id, false, "local"),
-                    control::Request::Status => control::Reply { ok: true, message: "ok".into() },
-                };
-                let _ = reply.send(answer);
-            }
-            Some(result) = results.recv() => {
-                remediator.on_result(result).await;
-            }
-            _ = hup.recv() => {
-                if let Some(new) = reload(cfg, notifier) {
-                    return Exit::Reload(Box::new(new));
+impl Agent {
+    /// Samples, computes features, decides and stores until shutdown or a
+    /// valid reload.
+    async fn pipeline(&mut self, cfg: &Config, token: CancellationToken) -> Exit {
+        let mut sampler = Sampler::new(cfg, token.clone());
+        let mut windows = FeatureWindows::new(cfg.features.window);
+        let base = Instant::now();
+        let mut tick = tokio::time::interval(cfg.agent.sample_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut next_step = base + cfg.features.step;
+        {
+            let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            s.config = cfg.source.as_ref().map(|p| p.display().to_string());
+            s.sample_interval_ms = cfg.agent.sample_interval.as_millis() as u64;
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => return Exit::Shutdown,
+                Some((request, reply)) = self.commands.recv() => {
+                    let answer = match request {
+                        control::Request::Approve { id } => self.remediator.answer(id, true, "local"),
+                        control::Request::Deny { id } => self.remediator.answer(id, false, "local"),
+                        control::Request::Status => control::Reply { ok: true, message: "ok".into() },
+                    };
+                    let _ = reply.send(answer);
                 }
-            }
-            _ = tick.tick() => {
-                let now = Instant::now();
-                let sample = sampler.sample(now).await;
-                let mono_ms = now.duration_since(base).as_millis() as i64;
-                windows.push(mono_ms, &sample);
-                remediator.step(&sample, &[]).await;
-                progress.tick();
-                let vector = if now >= next_step {
-                    while next_step <= now {
-                        next_step += cfg.features.step;
-                    }
-                    windows.compute(mono_ms, sample.ts_ms)
-                } else {
-                    None
-                };
-                let line = {
-                    let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
-                    s.samples += 1;
-                    s.signals = windows.signals();
-                    s.targets = sample.targets.clone();
-                    s.store_dropped = store.dropped();
-                    if let Some(v) = &vector {
-                        s.feature_vectors += 1;
-                        s.newest_feature_ms = Some(v.ts_ms);
-                    }
-                    let up = s.targets.iter().filter(|t| t.up).count();
-                    format!(
-                        "{} signals, {}/{} targets up, {} feature vectors",
-                        s.signals,
-                        up,
-                        s.targets.len(),
-                        s.feature_vectors
-                    )
-                };
-                if let Some(v) = vector {
-                    store.record_features(v);
-                    store.record_targets(sample.targets);
-                    notifier.status(&line);
+                Some(result) = self.results.recv() => {
+                    self.remediator.on_result(result).await;
                 }
-                if *first {
-                    *first = false;
-                    notifier.ready(&line);
-                    tracing::info!(signals = windows.signals(), "collecting");
+                _ = self.hup.recv() => {
+                    if let Some(new) = reload(cfg, &self.notifier) {
+                        return Exit::Reload(Box::new(new));
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    let sample = sampler.sample(now).await;
+                    let mono_ms = now.duration_since(base).as_millis() as i64;
+                    windows.push(mono_ms, &sample);
+                    self.remediator.step(&sample, &[]).await;
+                    self.progress.tick();
+                    let vector = if now >= next_step {
+                        while next_step <= now {
+                            next_step += cfg.features.step;
+                        }
+                        windows.compute(mono_ms, sample.ts_ms)
+                    } else {
+                        None
+                    };
+                    let line = {
+                        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                        s.samples += 1;
+                        s.signals = windows.signals();
+                        s.targets = sample.targets.clone();
+                        s.store_dropped = self.store.dropped();
+                        if let Some(v) = &vector {
+                            s.feature_vectors += 1;
+                            s.newest_feature_ms = Some(v.ts_ms);
+                        }
+                        let up = s.targets.iter().filter(|t| t.up).count();
+                        format!(
+                            "{} signals, {}/{} targets up, {} feature vectors",
+                            s.signals,
+                            up,
+                            s.targets.len(),
+                            s.feature_vectors
+                        )
+                    };
+                    if let Some(v) = vector {
+                        self.store.record_features(v);
+                        self.store.record_targets(sample.targets);
+                        self.notifier.status(&line);
+                    }
+                    if self.ready_due {
+                        self.ready_due = false;
+                        self.notifier.ready(&line);
+                        tracing::info!(signals = windows.signals(), "collecting");
+                    }
                 }
             }
         }
