@@ -303,6 +303,24 @@ Restart=no
     });
     eprintln!("StatusText: {status_text}");
 
+    // Under systemd the logs go to the journal with structured fields:
+    // tracing's `signals = N` on the "collecting" line becomes SIGNALS=N.
+    let journal = wait_for(
+        "structured log fields in the journal",
+        Duration::from_secs(10),
+        || {
+            let out = sd
+                .sh("journalctl -u outpost.service -o verbose --no-pager")
+                .map_err(|e| format!("{e:#}"))?;
+            if out.contains("MESSAGE=collecting") && out.contains("SIGNALS=") {
+                Ok(out)
+            } else {
+                Err(out)
+            }
+        },
+    );
+    assert!(journal.contains("SYSLOG_IDENTIFIER=outpost"), "{journal}");
+
     // `outpost status --json` inside talks to the running agent.
     let doc = wait_for(
         "live status with both targets",
