@@ -352,3 +352,50 @@ fn shipped_example_config_checks() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = fast_config(dir.path(), "");
+    let mut child = spawn(
+        dir.path(),
+        &[
+            "--log-format",
+            "json",
+            "run",
+            "--config",
+            cfg.to_str().expect("utf8"),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    kill(&child, "TERM");
+    let (status, _) = wait_exit(&mut child, Duration::from_secs(5));
+    assert!(status.success());
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 3, "{stderr}");
+    let mut messages = Vec::new();
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string(), "{line}");
+        messages.push(
+            v["fields"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    assert!(
+        messages.iter().any(|m| m == "outpost started"),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m == "outpost stopped"),
+        "{messages:?}"
+    );
+}
