@@ -239,21 +239,22 @@ pub fn execute(cli: Cli) -> u8 {
     }
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+fn runtime() -> Result<tokio::runtime::Runtime, u8> {
     // One thread: the agent's work is small and latency-tolerant; SQLite has
     // its own thread.
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
+        .map_err(|e| {
+            eprintln!("cannot start the runtime: {e}");
+            EXIT_RUNTIME
+        })
 }
 
 fn run_daemon(cfg: Config) -> u8 {
     let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return EXIT_RUNTIME;
-        }
+        Err(code) => return code,
     };
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
@@ -302,10 +303,7 @@ fn fmt_ms(ms: i64) -> String {
 fn status(cfg: &Config, json: bool) -> u8 {
     let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return EXIT_RUNTIME;
-        }
+        Err(code) => return code,
     };
     let db = cfg.db_path();
     let live = rt.block_on(crate::control::query(&cfg.socket_path()));
@@ -553,10 +551,7 @@ fn incidents(cfg: &Config, json: bool, limit: u32) -> u8 {
 fn decide_request(cfg: &Config, req: crate::control::Request) -> u8 {
     let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return EXIT_RUNTIME;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(crate::control::request(&cfg.socket_path(), &req)) {
         Ok(reply) if reply.ok => {
