@@ -106,9 +106,16 @@ pub enum Command {
         input: PathBuf,
         #[arg(long)]
         output: PathBuf,
-        /// `baseline` (the built-in detector).
+        /// `baseline` (the built-in detector) or a model package (a
+        /// directory or .tar), run through the same calls as in the daemon.
         #[arg(long, default_value = "baseline")]
         detector: String,
+    },
+    /// Detector models on this node: install (in shadow), list, promote,
+    /// roll back.
+    Model {
+        #[command(subcommand)]
+        cmd: crate::model_cli::ModelCommand,
     },
     /// Write stored feature vectors as CSV (a header of feature names).
     Export {
@@ -120,6 +127,54 @@ pub enum Command {
         /// Output file; `-` for stdout.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// A one-minute tour: three faults injected, detected and fixed live.
+    ///
+    /// No setup: an embedded MQTT broker, a demo service under a small
+    /// service manager, the real agent in-process and a fleet subscriber.
+    /// Prints a timeline from the agent's audit trail and the fleet's
+    /// messages; exit 0 when every fault was detected, remediated and
+    /// reported upstream.
+    #[cfg(feature = "demo")]
+    Demo {
+        /// Also show the agent's own logs (at --log-level) on stderr.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// The demo's HTTP service (started by `outpost demo`).
+    #[cfg(feature = "demo")]
+    #[command(hide = true)]
+    DemoService {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Asks the demo's service manager to stop the demo service (the
+    /// demo's remediation command).
+    #[cfg(feature = "demo")]
+    #[command(hide = true)]
+    DemoStop {
+        #[arg(long)]
+        socket: PathBuf,
+    },
+    /// The operator's view of the fleet over the broker: nodes, live
+    /// events, and signed commands (approve, pause, push-config, ...).
+    Fleet(Box<crate::fleet::FleetArgs>),
+    /// Print the polkit rule (JavaScript) that lets the agent's user manage
+    /// exactly the systemd units the config's rules act on.
+    PolkitRules {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The user the agent runs as.
+        #[arg(long, default_value = crate::polkit::DEFAULT_USER)]
+        user: String,
+        /// Write the rule to this file (atomically, mode 0644) instead of
+        /// stdout, e.g. /etc/polkit-1/rules.d/50-outpost.rules.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// With --output: when its directory does not exist (polkit is not
+        /// installed), say so and exit 0 without writing.
+        #[arg(long, requires = "output")]
+        skip_missing_dir: bool,
     },
 }
 
@@ -135,7 +190,7 @@ pub struct StatePlace {
 }
 
 impl StatePlace {
-    fn config(&self) -> Result<Config, config::ConfigError> {
+    pub(crate) fn config(&self) -> Result<Config, config::ConfigError> {
         let mut cfg = match &self.config {
             Some(p) => Config::load(p)?,
             None => Config::builtin(),
@@ -202,11 +257,11 @@ pub fn execute(cli: Cli) -> u8 {
             Err(e) => bad_config(&e),
         },
         Command::Approve { place, id } => match place.config() {
-            Ok(cfg) => decide_request(&cfg, crate::control::Request::Approve { id }),
+            Ok(cfg) => decide_request(&cfg, crate::control::Request::Approve { id, by: None }),
             Err(e) => bad_config(&e),
         },
         Command::Deny { place, id } => match place.config() {
-            Ok(cfg) => decide_request(&cfg, crate::control::Request::Deny { id }),
+            Ok(cfg) => decide_request(&cfg, crate::control::Request::Deny { id, by: None }),
             Err(e) => bad_config(&e),
         },
         Command::Pause { place, reason } => match place.config() {
@@ -222,6 +277,7 @@ pub fn execute(cli: Cli) -> u8 {
             output,
             detector,
         } => replay(&input, &output, &detector),
+        Command::Model { cmd } => crate::model_cli::execute(cmd),
         Command::Export { place, since, out } => {
             let cfg = match place.config() {
                 Ok(c) => c,
@@ -236,7 +292,111 @@ pub fn execute(cli: Cli) -> u8 {
             };
             export(&cfg, since, &out)
         }
+        #[cfg(feature = "demo")]
+        Command::Demo { verbose } => {
+            if verbose {
+                crate::logging::init(cli.log_format, &cli.log_level);
+            } else {
+                // The timeline is the output; only what an operator must
+                // act on is logged (the broker's per-connection noise never).
+                crate::logging::init(LogFormat::Text, "error,rumqttd=off");
+            }
+            crate::demo::run(&crate::demo::DemoOptions { verbose })
+        }
+        #[cfg(feature = "demo")]
+        Command::DemoService { port } => crate::demo::service::serve(port),
+        #[cfg(feature = "demo")]
+        Command::DemoStop { socket } => crate::demo::service::stop(&socket),
+        Command::Fleet(args) => {
+            crate::logging::init(cli.log_format, &cli.log_level);
+            crate::fleet::execute(*args)
+        }
+        Command::PolkitRules {
+            config,
+            user,
+            output,
+            skip_missing_dir,
+        } => polkit_rules(
+            config.as_deref(),
+            &user,
+            output.as_deref(),
+            skip_missing_dir,
+        ),
     }
+}
+
+fn polkit_rules(
+    config: Option<&Path>,
+    user: &str,
+    output: Option<&Path>,
+    skip_missing_dir: bool,
+) -> u8 {
+    let cfg = match config {
+        Some(p) => match Config::load(p) {
+            Ok(c) => c,
+            Err(e) => return bad_config(&e),
+        },
+        None => Config::builtin(),
+    };
+    if !crate::polkit::valid_user(user) {
+        eprintln!("--user: {user:?} is not a user name");
+        return EXIT_BAD_INPUT;
+    }
+    let js = crate::polkit::render(&cfg, user);
+    let Some(out) = output else {
+        print!("{js}");
+        return EXIT_OK;
+    };
+    if skip_missing_dir {
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.is_dir() {
+                eprintln!(
+                    "{} does not exist (polkit is not installed?): no polkit rule written",
+                    dir.display()
+                );
+                return EXIT_OK;
+            }
+        }
+    }
+    match write_atomically(out, js.as_bytes(), 0o644) {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            eprintln!("cannot write {}: {e:#}", out.display());
+            EXIT_RUNTIME
+        }
+    }
+}
+
+/// Writes `path` through a temporary file in the same directory and a
+/// rename, so a reader (polkit's file monitor) never sees half a file.
+fn write_atomically(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile_in(dir)?;
+    tmp.1.write_all(data).context("write")?;
+    tmp.1
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .context("chmod")?;
+    tmp.1.sync_all().context("fsync")?;
+    std::fs::rename(&tmp.0, path).context("rename")?;
+    Ok(())
+}
+
+/// A new file `.NAME.tmp-PID` in `dir`, created exclusively.
+fn tempfile_in(dir: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
+    use anyhow::Context as _;
+    let p = dir.join(format!(".outpost-polkit.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .with_context(|| format!("create {}", p.display()))?;
+    Ok((p, f))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, u8> {
@@ -385,6 +545,42 @@ fn status(cfg: &Config, json: bool) -> u8 {
                 probe
             );
         }
+    }
+    if let Some(l) = &live {
+        let scores: Vec<String> = l
+            .anomaly
+            .iter()
+            .map(|(t, s)| format!("{t} {s:.2}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "anomaly:  {} ({} incidents open)",
+            if scores.is_empty() {
+                "no scores yet".to_string()
+            } else {
+                scores.join(", ")
+            },
+            l.open_incidents
+        );
+        let models: Vec<String> = l
+            .models
+            .iter()
+            .map(|m| {
+                format!(
+                    "{} {} ({} steps, {} alerts)",
+                    m.role, m.label, m.steps, m.alerts
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "models:   {}",
+            if models.is_empty() {
+                "none (baseline only)".to_string()
+            } else {
+                models.join("; ")
+            }
+        );
     }
     EXIT_OK
 }
@@ -574,10 +770,13 @@ fn replay(input: &Path, output: &Path, detector: &str) -> u8 {
     use crate::detect::replay::{ReplayDetector, ReplayError};
     let detector = match detector {
         "baseline" => ReplayDetector::Baseline(BaselineConfig::default()),
-        other => {
-            eprintln!("--detector: expected `baseline`, got {other:?}");
-            return EXIT_BAD_INPUT;
-        }
+        dir => match crate::detect::onnx::load_package(Path::new(dir)) {
+            Ok(m) => ReplayDetector::Model(Box::new(m)),
+            Err(e) => {
+                eprintln!("--detector: expected `baseline` or a model package: {e}");
+                return EXIT_BAD_INPUT;
+            }
+        },
     };
     match crate::detect::replay::replay(input, output, detector) {
         Ok(s) => {

@@ -27,6 +27,28 @@ pub struct LiveStatus {
     pub newest_feature_ms: Option<i64>,
     pub store_dropped: u64,
     pub targets: Vec<TargetStatus>,
+    /// The latest anomaly score per target (what `anomaly >= X` rules see).
+    #[serde(default)]
+    pub anomaly: Vec<(String, f32)>,
+    /// Incidents the detectors hold open.
+    #[serde(default)]
+    pub open_incidents: usize,
+    /// Loaded models, their role and counts.
+    #[serde(default)]
+    pub models: Vec<ModelLive>,
+}
+
+/// A loaded model as `outpost status` and `outpost model list` show it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelLive {
+    pub label: String,
+    pub role: String,
+    pub target: String,
+    pub steps: u64,
+    pub alerts: u64,
+    pub missing: u64,
+    pub errors: u64,
+    pub last_score: f32,
 }
 
 pub type SharedStatus = Arc<Mutex<LiveStatus>>;
@@ -46,8 +68,34 @@ pub enum ControlError {
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    Approve { id: u64 },
-    Deny { id: u64 },
+    Approve {
+        id: u64,
+        /// Who answered, for the audit (`fleet:KEY`); absent: `local`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
+    Deny {
+        id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
+    /// The model registry changed on disk (`outpost model install`): load
+    /// what it names.
+    ModelsChanged,
+    /// Shadow model to active, active to previous.
+    ModelPromote,
+    /// Active model out, previous back in.
+    ModelRollback,
+    /// Take a rule's action by hand (a fleet `run`): allowed only when an
+    /// `auto` or `approve` rule on `target` does `action`, and only through
+    /// that rule's guards.
+    Run {
+        target: String,
+        /// `restart`, `stop`, `start`, `reload` or `exec:NAME`.
+        action: String,
+        /// Who asked, for the audit.
+        by: String,
+    },
 }
 
 /// The answer to a request that changes something.

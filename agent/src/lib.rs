@@ -10,11 +10,17 @@ pub mod collect;
 pub mod config;
 pub mod control;
 pub mod decide;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod detect;
+pub mod fleet;
 pub mod logging;
+pub mod model_cli;
 pub mod notify;
 pub mod pipeline;
+pub mod polkit;
 pub mod remediate;
 pub mod store;
+pub mod sync;
 
 pub use pipeline::run;

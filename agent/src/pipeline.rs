@@ -12,6 +12,7 @@ use crate::collect::sampler::{now_ms, Sampler};
 use crate::config::Config;
 use crate::control::{self, LiveStatus, SharedStatus};
 use crate::detect::features::FeatureWindows;
+use crate::detect::stage::{self, DetectStage};
 use crate::notify::{Notifier, Progress};
 use crate::remediate::{ActionResult, Remediator};
 use crate::store::Store;
@@ -30,6 +31,9 @@ struct Agent {
     commands: tokio::sync::mpsc::Receiver<control::Command>,
     remediator: Remediator,
     results: tokio::sync::mpsc::UnboundedReceiver<ActionResult>,
+    detect: DetectStage,
+    /// Per-sample health and scores for the uplink's summaries (MQTT on).
+    telemetry: Option<crate::sync::Telemetry>,
     /// READY=1 is due after the next sample (at start and after a reload).
     ready_due: bool,
 }
@@ -56,13 +60,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tracing::warn!(warning = %w, "config");
     }
     let (remediator, results) = Remediator::new(&config, store.clone()).await;
+    let detect = DetectStage::new(
+        config.detect.clone(),
+        &config.agent.state_dir,
+        store.clone(),
+        stage::onnx_loader,
+    )
+    .await;
     let (cmd_tx, commands) = tokio::sync::mpsc::channel::<control::Command>(16);
     control::serve(
         &config.socket_path(),
         status.clone(),
-        cmd_tx,
+        cmd_tx.clone(),
         shutdown.clone(),
     )?;
+    let uplink = start_uplink(&config, &store, &status, cmd_tx, shutdown.child_token());
+    let telemetry = uplink.as_ref().map(|u| u.telemetry.clone());
     let notifier = Notifier::from_env();
     let progress = Progress::default();
     notifier.spawn_watchdog(
@@ -88,6 +101,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         commands,
         remediator,
         results,
+        detect,
+        telemetry,
         ready_due: true,
     };
     let mut config = config;
@@ -98,6 +113,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         match exit {
             Exit::Shutdown => break,
             Exit::Reload(new) => {
+                if new.mqtt != config.mqtt || new.fleet != config.fleet {
+                    tracing::warn!(
+                        "[mqtt] or [fleet] changed; it takes effect at the next restart"
+                    );
+                }
+                agent.store.post_event(crate::sync::EventBody::new(
+                    crate::sync::message::events::CONFIG_APPLIED,
+                    serde_json::json!({ "source": config_name(&new) }),
+                ));
                 if new.agent.state_dir != config.agent.state_dir {
                     tracing::warn!("agent.state_dir changed; it takes effect at the next restart");
                 }
@@ -110,6 +134,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 };
                 tracing::info!(targets = config.targets.len(), "config reloaded");
                 agent.remediator.reconfigure(&config);
+                agent.detect.reconfigure(config.detect.clone());
                 for w in config.render_warnings(&config_name(&config)) {
                     tracing::warn!(warning = %w, "config");
                 }
@@ -124,6 +149,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         store, notifier, ..
     } = agent;
     notifier.stopping();
+    if let Some(u) = uplink {
+        // The uplink publishes the offline state and disconnects; it has
+        // part of the deadline, the store's final flush the rest.
+        if tokio::time::timeout(UPLINK_STOP, u.task).await.is_err() {
+            tracing::warn!("the uplink did not stop in time");
+        }
+    }
     match tokio::time::timeout(SHUTDOWN_DEADLINE, store.close()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "store did not close cleanly"),
@@ -154,9 +186,22 @@ impl Agent {
                 _ = token.cancelled() => return Exit::Shutdown,
                 Some((request, reply)) = self.commands.recv() => {
                     let answer = match request {
-                        control::Request::Approve { id } => self.remediator.answer(id, true, "local"),
-                        control::Request::Deny { id } => self.remediator.answer(id, false, "local"),
+                        control::Request::Approve { id, by } => {
+                            self.remediator.answer(id, true, by.as_deref().unwrap_or("local"))
+                        }
+                        control::Request::Deny { id, by } => {
+                            self.remediator.answer(id, false, by.as_deref().unwrap_or("local"))
+                        }
                         control::Request::Status => control::Reply { ok: true, message: "ok".into() },
+                        control::Request::ModelsChanged => match self.detect.sync_registry().await {
+                            Ok(message) => control::Reply { ok: true, message },
+                            Err(e) => control::Reply { ok: false, message: e.to_string() },
+                        },
+                        control::Request::ModelPromote => self.detect.promote("local").await,
+                        control::Request::ModelRollback => self.detect.rollback("local").await,
+                        control::Request::Run { target, action, by } => {
+                            self.remediator.manual(&target, &action, &by).await
+                        }
                     };
                     let _ = reply.send(answer);
                 }
@@ -164,7 +209,7 @@ impl Agent {
                     self.remediator.on_result(result).await;
                 }
                 _ = self.hup.recv() => {
-                    if let Some(new) = reload(cfg, &self.notifier) {
+                    if let Some(new) = reload(cfg, &self.notifier, &self.store) {
                         return Exit::Reload(Box::new(new));
                     }
                 }
@@ -173,7 +218,10 @@ impl Agent {
                     let sample = sampler.sample(now).await;
                     let mono_ms = now.duration_since(base).as_millis() as i64;
                     windows.push(mono_ms, &sample);
-                    self.remediator.step(&sample, &[]).await;
+                    self.remediator.step(&sample, &self.detect.anomaly).await;
+                    if let Some(t) = &self.telemetry {
+                        t.observe(&sample.targets, &self.detect.anomaly);
+                    }
                     self.progress.tick();
                     let vector = if now >= next_step {
                         while next_step <= now {
@@ -183,8 +231,15 @@ impl Agent {
                     } else {
                         None
                     };
+                    if let Some(v) = &vector {
+                        self.detect.step(v).await;
+                    }
+                    let (models, open_incidents) = self.detect.live();
                     let line = {
                         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                        s.anomaly = self.detect.anomaly.clone();
+                        s.models = models;
+                        s.open_incidents = open_incidents;
                         s.samples += 1;
                         s.signals = windows.signals();
                         s.targets = sample.targets.clone();
@@ -220,7 +275,7 @@ impl Agent {
 
 /// Loads the config file again; `None` (and an error log) when it is
 /// refused, so the caller keeps the running config.
-fn reload(cfg: &Config, notifier: &Notifier) -> Option<Config> {
+fn reload(cfg: &Config, notifier: &Notifier, store: &Store) -> Option<Config> {
     let Some(path) = cfg.source.as_ref() else {
         tracing::info!("SIGHUP: running on the built-in default, nothing to reload");
         return None;
@@ -233,6 +288,10 @@ fn reload(cfg: &Config, notifier: &Notifier) -> Option<Config> {
             Some(new)
         }
         Err(e) => {
+            store.post_event(crate::sync::EventBody::new(
+                crate::sync::message::events::CONFIG_REFUSED,
+                serde_json::json!({ "source": path.display().to_string(), "error": e.to_string() }),
+            ));
             for line in e.to_string().lines() {
                 tracing::error!(error = %line, "SIGHUP: new config refused; keeping the running one");
             }
@@ -242,6 +301,74 @@ fn reload(cfg: &Config, notifier: &Notifier) -> Option<Config> {
             None
         }
     }
+}
+
+/// How long shutdown waits for the uplink (offline state, DISCONNECT).
+const UPLINK_STOP: Duration = Duration::from_millis(600);
+
+/// The running uplink.
+struct RunningUplink {
+    task: tokio::task::JoinHandle<()>,
+    telemetry: crate::sync::Telemetry,
+}
+
+/// Starts the MQTT uplink when `[mqtt]` is configured. A broken TLS file or
+/// password file is logged and the agent runs without the uplink: detection
+/// and remediation do not depend on it.
+fn start_uplink(
+    config: &Config,
+    store: &Store,
+    status: &SharedStatus,
+    control: tokio::sync::mpsc::Sender<control::Command>,
+    token: CancellationToken,
+) -> Option<RunningUplink> {
+    use crate::sync::{command, uplink};
+    let mqtt = config.mqtt.as_ref()?;
+    let started_ms = status.lock().unwrap_or_else(|p| p.into_inner()).started_ms;
+    let node = uplink::NodeConfig::from_config(config, mqtt, started_ms);
+    let up = match uplink::Uplink::new(node, store.clone()) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!(error = %e, "mqtt uplink not started; running without it");
+            return None;
+        }
+    };
+    let ctx = command::CommandContext {
+        node_id: config.agent.node_id.clone(),
+        group: config.fleet.group.clone(),
+        trusted_keys: config.fleet.trusted_keys.clone(),
+        allow_unsigned: config.fleet.allow_unsigned,
+        control,
+        state_dir: config.agent.state_dir.clone(),
+        store: store.clone(),
+        config_path: config.source.clone(),
+        status: status.clone(),
+        pause_file: config.guard.pause_file.clone(),
+        connected: up.connected(),
+        reload: command::sighup_self(),
+        shared: Arc::new(command::Shared::default()),
+    };
+    ctx.log_policy();
+    let ctx = Arc::new(ctx);
+    let handler: uplink::CommandHandler = Arc::new(move |scope, payload| {
+        let ctx = ctx.clone();
+        Box::pin(async move { command::handle(&ctx, scope, &payload).await })
+    });
+    let telemetry = crate::sync::Telemetry::default();
+    let view = Arc::new(crate::sync::DaemonView {
+        status: status.clone(),
+        telemetry: telemetry.clone(),
+        group: config.fleet.group.clone(),
+        pause_file: config.guard.pause_file.clone(),
+    });
+    tracing::info!(
+        url = %mqtt.url,
+        client_id = %mqtt.client_id,
+        topic_prefix = %mqtt.topic_prefix,
+        "mqtt uplink starting"
+    );
+    let task = tokio::spawn(up.run(view, Some(handler), token));
+    Some(RunningUplink { task, telemetry })
 }
 
 fn config_name(cfg: &Config) -> String {

@@ -134,6 +134,51 @@ impl Remediator {
         }
     }
 
+    /// An operator's request to take a rule's action now (a fleet `run`):
+    /// the rules are the allowlist and the rule's guards apply
+    /// (`decide::manual`); a refusal by a guard is audited as suppressed.
+    pub async fn manual(&mut self, target: &str, action: &str, by: &str) -> Reply {
+        let Some(kind) = crate::decide::engine::parse_manual_action(action) else {
+            return Reply {
+                ok: false,
+                message: format!(
+                    "unknown action {action:?}: expected restart, stop, start, reload or exec:NAME"
+                ),
+            };
+        };
+        let paused = self.guard.pause_file.exists();
+        let clock = self.clock();
+        match crate::decide::engine::manual(
+            target,
+            &kind,
+            by,
+            &self.rules,
+            &self.guard,
+            &mut self.state,
+            clock,
+            paused,
+        ) {
+            Ok(d) => {
+                let message = format!("#{}: {}", d.thread, d.reason);
+                tracing::info!(target = %target, action = %action, by = %by, "manual action");
+                self.handle(d).await;
+                self.persist().await;
+                Reply { ok: true, message }
+            }
+            Err((why, decision)) => {
+                tracing::warn!(target = %target, action = %action, by = %by, reason = %why, "manual action refused");
+                if let Some(d) = decision {
+                    self.handle(*d).await;
+                    self.persist().await;
+                }
+                Reply {
+                    ok: false,
+                    message: why,
+                }
+            }
+        }
+    }
+
     /// One sample through the engine.
     pub async fn step(&mut self, sample: &Sample, anomaly: &[(String, f32)]) {
         if !self.has_rules() {

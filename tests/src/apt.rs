@@ -49,3 +49,19 @@ fn run(args: &[&str]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Installs `packages` with apt unless `path` already exists; fails when it
+/// is still missing afterwards.
+pub fn install_if_missing(path: &str, packages: &[&str]) -> Result<()> {
+    if std::path::Path::new(path).exists() {
+        return Ok(());
+    }
+    install(packages)?;
+    if !std::path::Path::new(path).exists() {
+        bail!(
+            "{} installed, but {path} is still missing",
+            packages.join(" ")
+        );
+    }
+    Ok(())
+}

@@ -3,6 +3,7 @@
 //! cannot.
 
 pub mod apt;
+pub mod mosquitto;
 pub mod nspawn;
 pub mod podman;
 pub mod remediation;

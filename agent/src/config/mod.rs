@@ -3,8 +3,10 @@
 //! of outpost uses. Every error names the file, line, column and key.
 
 mod locate;
+pub mod mqtt;
 mod raw;
 
+pub use mqtt::{FleetConfig, MqttConfig};
 pub use raw::RawConfig;
 
 use std::fmt;
@@ -14,6 +16,7 @@ use std::time::Duration;
 use locate::Locator;
 
 pub use crate::decide::{CommandSpec, GuardConfig, Rule};
+pub use crate::detect::engine::DetectConfig;
 
 /// Defaults, named so the documented example and the code agree.
 pub const DEFAULT_SAMPLE_INTERVAL_MS: u64 = 1000;
@@ -37,6 +40,8 @@ pub struct Config {
     pub agent: AgentConfig,
     pub store: StoreConfig,
     pub features: FeaturesConfig,
+    /// `[detect]`.
+    pub detect: DetectConfig,
     pub collect: CollectConfig,
     pub targets: Vec<Target>,
     /// `[[rule]]`, in file order.
@@ -45,6 +50,10 @@ pub struct Config {
     pub guard: GuardConfig,
     /// `[[command]]`: the only commands `exec:NAME` may run.
     pub commands: Vec<CommandSpec>,
+    /// `[mqtt]`: the uplink; `None` (no section): MQTT off.
+    pub mqtt: Option<MqttConfig>,
+    /// `[fleet]`: this node's group and who may sign commands.
+    pub fleet: FleetConfig,
     /// Accepted but worth telling the operator: a rule on a protected unit,
     /// a built-in protection removed. `check-config` prints them and the
     /// daemon logs them at load; their line and column are filled in like

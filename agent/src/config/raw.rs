@@ -26,6 +26,8 @@ pub struct RawConfig {
     pub features: RawFeatures,
     #[serde(default)]
     pub collect: RawCollect,
+    #[serde(default)]
+    pub detect: RawDetect,
     #[serde(default, rename = "target")]
     pub targets: Vec<RawTarget>,
     #[serde(default, rename = "rule")]
@@ -34,6 +36,10 @@ pub struct RawConfig {
     pub guard: RawGuard,
     #[serde(default, rename = "command")]
     pub commands: Vec<RawCommand>,
+    /// Absent: MQTT off.
+    pub mqtt: Option<super::mqtt::RawMqtt>,
+    #[serde(default)]
+    pub fleet: super::mqtt::RawFleet,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +99,106 @@ pub struct RawStore {
 pub struct RawFeatures {
     pub window: Option<String>,
     pub step: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDetect {
+    pub threshold: Option<f32>,
+    pub open: Option<String>,
+    pub model_open: Option<String>,
+    pub close_after: Option<u32>,
+    pub promote_after: Option<String>,
+    pub shadow_max_alert_rate: Option<f64>,
+    pub trial: Option<String>,
+    pub rollback_alert_ratio: Option<f64>,
+    pub rollback_min_alerts: Option<u64>,
+    pub baseline: Option<crate::detect::baseline::BaselineConfig>,
+}
+
+impl RawDetect {
+    fn validate(self, step: Duration, errs: &mut Errors) -> DetectConfig {
+        use crate::detect::engine as e;
+        let d = DetectConfig::default();
+        let threshold = self.threshold.unwrap_or(e::DEFAULT_THRESHOLD);
+        if !(threshold > 0.0 && threshold <= 1.0) {
+            errs.push((
+                "detect.threshold".into(),
+                format!("must be in (0, 1], got {threshold}"),
+            ));
+        }
+        let k_of_n = |errs: &mut Errors, key: &str, v: Option<String>, default| match v {
+            None => default,
+            Some(s) => s.parse().unwrap_or_else(|what: String| {
+                errs.push((format!("detect.{key}"), what));
+                default
+            }),
+        };
+        let open = k_of_n(errs, "open", self.open, d.open);
+        let model_open = k_of_n(errs, "model_open", self.model_open, d.model_open);
+        let close_after = self.close_after.unwrap_or(e::DEFAULT_CLOSE_AFTER);
+        if close_after == 0 {
+            errs.push((
+                "detect.close_after".into(),
+                "must be at least 1 step".into(),
+            ));
+        }
+        let step_ms = step.as_millis().max(1) as u64;
+        let steps = |errs: &mut Errors, key: &str, v: &Option<String>| -> Option<u64> {
+            let v = v.as_ref()?;
+            match humantime::parse_duration(v) {
+                Ok(dur) => Some((dur.as_millis() as u64).div_ceil(step_ms)),
+                Err(err) => {
+                    errs.push((
+                        format!("detect.{key}"),
+                        format!("expected a duration such as \"24h\": {err}"),
+                    ));
+                    None
+                }
+            }
+        };
+        let promote_after_steps =
+            steps(errs, "promote_after", &self.promote_after).filter(|&s| s > 0);
+        let trial_steps = steps(errs, "trial", &self.trial).unwrap_or(e::DEFAULT_TRIAL_STEPS);
+        let rate = self
+            .shadow_max_alert_rate
+            .unwrap_or(e::DEFAULT_SHADOW_MAX_ALERT_RATE);
+        if !(0.0..=1.0).contains(&rate) {
+            errs.push((
+                "detect.shadow_max_alert_rate".into(),
+                format!("must be in [0, 1], got {rate}"),
+            ));
+        }
+        let ratio = self
+            .rollback_alert_ratio
+            .unwrap_or(e::DEFAULT_ROLLBACK_ALERT_RATIO);
+        if !(ratio.is_finite() && ratio >= 1.0) {
+            errs.push((
+                "detect.rollback_alert_ratio".into(),
+                format!("must be a number >= 1, got {ratio}"),
+            ));
+        }
+        let baseline = self.baseline.unwrap_or_default();
+        if let Err(e) = baseline.validate() {
+            errs.push((format!("detect.baseline.{}", e.key), e.what.to_string()));
+        }
+        DetectConfig {
+            threshold,
+            open,
+            model_open,
+            close_after,
+            baseline,
+            lifecycle: crate::detect::engine::LifecycleConfig {
+                promote_after_steps,
+                shadow_max_alert_rate: rate,
+                trial_steps,
+                rollback_alert_ratio: ratio,
+                rollback_min_alerts: self
+                    .rollback_min_alerts
+                    .unwrap_or(e::DEFAULT_ROLLBACK_MIN_ALERTS),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -244,6 +350,8 @@ impl RawConfig {
             ));
         }
 
+        let detect = self.detect.validate(step, &mut errs);
+
         let collect = CollectConfig {
             proc_root: self
                 .collect
@@ -285,6 +393,9 @@ impl RawConfig {
             }
         }
 
+        let mqtt = self.mqtt.and_then(|m| m.validate(&node_id, &mut errs));
+        let fleet = self.fleet.validate(&mut errs);
+
         let mut warnings = Errors::new();
         let commands = validate_commands(self.commands, &mut errs);
         let guard = self.guard.validate(&state_dir, &mut errs, &mut warnings);
@@ -315,11 +426,14 @@ impl RawConfig {
                         flush_interval,
                     },
                     features: FeaturesConfig { window, step },
+                    detect,
                     collect,
                     targets,
                     rules,
                     guard,
                     commands,
+                    mqtt,
+                    fleet,
                     warnings: Vec::new(),
                 },
                 warnings,

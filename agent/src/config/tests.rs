@@ -596,3 +596,24 @@ unprotect = ["networking.service"]
          built-in protected list: rules may act on it"
     );
 }
+
+#[test]
+fn detect_section_turns_durations_into_steps() {
+    let cfg = parse_str(
+        "[features]\nstep = \"10s\"\n[detect]\nopen = \"2 of 3\"\npromote_after = \"1h\"\ntrial = \"30m\"\n",
+        "x.toml",
+    )
+    .expect("valid");
+    assert_eq!(
+        cfg.detect.open,
+        crate::detect::incident::KOfN { k: 2, n: 3 }
+    );
+    assert_eq!(cfg.detect.lifecycle.promote_after_steps, Some(360));
+    assert_eq!(cfg.detect.lifecycle.trial_steps, 180);
+    let default = parse_str("", "x.toml").expect("valid");
+    assert_eq!(default.detect.lifecycle.promote_after_steps, None);
+    assert_eq!(
+        default.detect.open,
+        crate::detect::incident::KOfN { k: 1, n: 1 }
+    );
+}

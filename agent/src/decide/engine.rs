@@ -1144,3 +1144,97 @@ pub fn on_action_result(
         }
     }
 }
+
+/// Reads `restart`, `stop`, `start`, `reload` or `exec:NAME`: the actions an
+/// operator may ask for by hand (`notify` changes nothing, so it is not one).
+pub fn parse_manual_action(s: &str) -> Option<ActionKind> {
+    match s {
+        "restart" => Some(ActionKind::Restart),
+        "stop" => Some(ActionKind::Stop),
+        "start" => Some(ActionKind::Start),
+        "reload" => Some(ActionKind::Reload),
+        _ => s
+            .strip_prefix("exec:")
+            .filter(|n| !n.is_empty())
+            .map(|n| ActionKind::Exec(n.to_string())),
+    }
+}
+
+/// An operator's explicit request (a fleet `run`) to take `action` on the
+/// target named `target` now. The rules are the allowlist: some rule in
+/// `auto` or `approve` mode on that target must have that very action; the
+/// request then passes the same guards as the rule's own action would
+/// (verifying, protected, pause, cooldown, rule budget, global budget, dry
+/// run) and counts against the same budgets. `Ok`: an `Act` decision of that
+/// rule, to carry out like any other (its result goes to
+/// [`on_action_result`] and its `verify` is watched). `Err`: why not, with a
+/// `Suppressed` decision for the audit when a rule matched.
+#[allow(clippy::too_many_arguments)]
+pub fn manual(
+    target: &str,
+    action: &ActionKind,
+    by: &str,
+    rules: &[Rule],
+    guard: &GuardConfig,
+    state: &mut EngineState,
+    clock: Clock,
+    paused: bool,
+) -> Result<Decision, (String, Option<Box<Decision>>)> {
+    let Some(rule) = rules
+        .iter()
+        .find(|r| r.target == target && &r.action == action && r.mode != Mode::Suggest)
+    else {
+        return Err((
+            format!(
+                "not allowed: no auto or approve rule on target {target:?} does {}",
+                action.label()
+            ),
+            None,
+        ));
+    };
+    let now = state.advance(clock);
+    let ctx = Ctx {
+        now,
+        wall: clock.wall_ms,
+        paused,
+        dry_run: guard.dry_run,
+        guard,
+    };
+    let mut rs = take_rs(state, &rule.name);
+    let refusal = if state.verifications().iter().any(|v| v.rule == rule.name) {
+        Some((
+            Guard::Verifying,
+            format!(
+                "rule {}: its last action is still being verified",
+                rule.name
+            ),
+        ))
+    } else {
+        blocked(rule, &rs, state.global(), &ctx)
+    };
+    let result = match refusal {
+        Some((guard, why)) => {
+            let reason = format!("{by} asked to {}: refused: {why}", rule.action.label());
+            let d = make(
+                state,
+                now,
+                ctx.wall,
+                Subject::of(rule),
+                Outcome::Suppressed { guard },
+                reason.clone(),
+                None,
+            );
+            Err((reason, Some(Box::new(d))))
+        }
+        None => {
+            let reason = format!(
+                "{by} asked to {} (rule {})",
+                what(&rule.action, &rule.action_target),
+                rule.name
+            );
+            Ok(act(rule, &mut rs, &ctx, state, None, reason))
+        }
+    };
+    put_rs(state, &rule.name, rs);
+    result
+}

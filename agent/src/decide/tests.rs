@@ -1377,3 +1377,173 @@ fn simulated_runs_exercise_every_path() {
         assert!(seen.contains_key(want), "never saw {want}: {seen:?}");
     }
 }
+
+// ---- manual (fleet `run`) requests: the rules are the allowlist, the
+// rule's guards apply.
+
+fn clock_at(ms: i64) -> Clock {
+    Clock {
+        wall_ms: T0 + ms,
+        mono_ms: ms as u64,
+    }
+}
+
+#[test]
+fn a_manual_run_acts_only_through_an_acting_rule_and_its_guards() {
+    let rules = vec![web_hung()];
+    let g = guard();
+    let mut state = EngineState::new();
+    let d = engine::manual(
+        "web",
+        &ActionKind::Restart,
+        "fleet:k",
+        &rules,
+        &g,
+        &mut state,
+        clock_at(0),
+        false,
+    )
+    .unwrap();
+    assert_eq!(d.outcome, Outcome::Act);
+    assert_eq!(d.rule, "web-hung");
+    assert!(d.reason.contains("fleet:k"), "{}", d.reason);
+    assert_eq!(state.actions_last_hour(), 1);
+    // Its action is being verified: a second request is refused.
+    let (why, audit) = engine::manual(
+        "web",
+        &ActionKind::Restart,
+        "fleet:k",
+        &rules,
+        &g,
+        &mut state,
+        clock_at(1_000),
+        false,
+    )
+    .unwrap_err();
+    assert!(why.contains("verified"), "{why}");
+    assert!(matches!(
+        audit.unwrap().outcome,
+        Outcome::Suppressed {
+            guard: Guard::Verifying
+        }
+    ));
+    // Once it reported, the rule's cooldown still binds.
+    on_action_result(&mut state, d.id, Err("boom"), clock_at(2_000));
+    let (why, _) = engine::manual(
+        "web",
+        &ActionKind::Restart,
+        "fleet:k",
+        &rules,
+        &g,
+        &mut state,
+        clock_at(3_000),
+        false,
+    )
+    .unwrap_err();
+    assert!(why.contains("cooldown"), "{why}");
+    assert_eq!(state.actions_last_hour(), 1);
+}
+
+#[test]
+fn a_manual_run_outside_the_allowlist_or_under_a_guard_is_refused() {
+    let g = guard();
+    let mut state = EngineState::new();
+    let rules = vec![web_hung()];
+    // An action no rule takes, a target no rule watches.
+    for (target, action) in [("web", ActionKind::Stop), ("db", ActionKind::Restart)] {
+        let (why, audit) = engine::manual(
+            target,
+            &action,
+            "fleet:k",
+            &rules,
+            &g,
+            &mut state,
+            clock_at(0),
+            false,
+        )
+        .unwrap_err();
+        assert!(why.contains("not allowed"), "{why}");
+        assert!(audit.is_none());
+    }
+    // A suggest-only rule never acts.
+    let suggest = vec![rule(
+        "web-suggest",
+        Condition::ProbeFailed,
+        ActionKind::Restart,
+        Mode::Suggest,
+    )];
+    let (why, _) = engine::manual(
+        "web",
+        &ActionKind::Restart,
+        "fleet:k",
+        &suggest,
+        &g,
+        &mut state,
+        clock_at(0),
+        false,
+    )
+    .unwrap_err();
+    assert!(why.contains("not allowed"), "{why}");
+    // Paused.
+    let (why, _) = engine::manual(
+        "web",
+        &ActionKind::Restart,
+        "fleet:k",
+        &rules,
+        &g,
+        &mut state,
+        clock_at(0),
+        true,
+    )
+    .unwrap_err();
+    assert!(why.contains("paused"), "{why}");
+    // A protected unit.
+    let mut protected = web_hung();
+    protected.action_target = ActionTarget::Systemd {
+        unit: "sshd.service".into(),
+    };
+    let (why, _) = engine::manual(
+        "web",
+        &ActionKind::Restart,
+        "fleet:k",
+        &[protected],
+        &g,
+        &mut state,
+        clock_at(0),
+        false,
+    )
+    .unwrap_err();
+    assert!(why.contains("protected"), "{why}");
+    // The global budget.
+    let tight = GuardConfig {
+        max_actions_per_hour: 0,
+        ..guard()
+    };
+    let (why, _) = engine::manual(
+        "web",
+        &ActionKind::Restart,
+        "fleet:k",
+        &rules,
+        &tight,
+        &mut state,
+        clock_at(0),
+        false,
+    )
+    .unwrap_err();
+    assert!(why.contains("global budget"), "{why}");
+    assert_eq!(state.actions_last_hour(), 0);
+}
+
+#[test]
+fn manual_action_names_parse() {
+    assert_eq!(
+        engine::parse_manual_action("restart"),
+        Some(ActionKind::Restart)
+    );
+    assert_eq!(
+        engine::parse_manual_action("exec:flush"),
+        Some(ActionKind::Exec("flush".into()))
+    );
+    assert_eq!(engine::parse_manual_action("exec:"), None);
+    assert_eq!(engine::parse_manual_action("notify"), None);
+}

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::baseline::{Baseline, BaselineConfig, Score};
+use super::engine::Scorer;
 use super::features::FeatureWindows;
 use crate::collect::{Sample, SignalName};
 
@@ -34,11 +35,23 @@ pub const NAB_WINDOW_ROWS: u64 = 12;
 pub const VALUE_SIGNAL: &str = "value";
 
 /// The detector to replay.
-#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum ReplayDetector {
     /// The built-in baseline detector.
     Baseline(BaselineConfig),
+    /// A loaded model (an ONNX package), through the same [`Scorer`] calls
+    /// the daemon makes. Each row's features are looked up by name; a row
+    /// missing one of them scores 0 (the daemon does not score it either).
+    Model(Box<dyn Scorer>),
+}
+
+impl std::fmt::Debug for ReplayDetector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplayDetector::Baseline(c) => f.debug_tuple("Baseline").field(c).finish(),
+            ReplayDetector::Model(m) => f.debug_tuple("Model").field(&m.label()).finish(),
+        }
+    }
 }
 
 /// The input format, as recognised from the header.
@@ -83,6 +96,13 @@ pub enum ReplayError {
         line: u64,
         what: String,
     },
+    /// The model failed to score a row.
+    #[error("{}:{line}: {what}", path.display())]
+    Model {
+        path: PathBuf,
+        line: u64,
+        what: String,
+    },
 }
 
 /// Runs `detector` over `input` and writes `output` (its parent directory
@@ -118,6 +138,11 @@ pub fn replay(
                 line,
                 what,
             },
+            Fail::Model { line, what } => ReplayError::Model {
+                path: input.to_path_buf(),
+                line,
+                what,
+            },
         })
         .and_then(|r| {
             fs::rename(&tmp, output).map_err(io_err(output))?;
@@ -149,6 +174,7 @@ enum Fail {
     Read(io::Error),
     Write(io::Error),
     Parse { line: u64, what: String },
+    Model { line: u64, what: String },
 }
 
 fn parse_err(line: u64, what: impl Into<String>) -> Fail {
@@ -173,6 +199,14 @@ enum Rows {
 
 enum Detector {
     Baseline(Box<Baseline>, Score),
+    Model {
+        scorer: Box<dyn Scorer>,
+        /// The names `index` was computed for.
+        names: Option<Arc<[String]>>,
+        /// Per model input, its column; `None` when one is missing.
+        index: Option<Vec<usize>>,
+        input: Vec<f32>,
+    },
 }
 
 impl Detector {
@@ -181,15 +215,49 @@ impl Detector {
             ReplayDetector::Baseline(cfg) => {
                 Detector::Baseline(Box::new(Baseline::new(cfg)), Score::default())
             }
+            ReplayDetector::Model(scorer) => Detector::Model {
+                scorer,
+                names: None,
+                index: None,
+                input: Vec::new(),
+            },
         }
     }
 
     /// Scores a step; returns (score, alert).
-    fn step(&mut self, names: &Arc<[String]>, values: &[f32]) -> (f32, bool) {
+    fn step(&mut self, names: &Arc<[String]>, values: &[f32]) -> Result<(f32, bool), String> {
         match self {
             Detector::Baseline(b, out) => {
                 b.update_into(names, values, out);
-                (out.score, out.score >= b.alert_score())
+                Ok((out.score, out.score >= b.alert_score()))
+            }
+            Detector::Model {
+                scorer,
+                names: seen,
+                index,
+                input,
+            } => {
+                if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, names)) {
+                    *index = scorer
+                        .feature_names()
+                        .iter()
+                        .map(|f| names.iter().position(|n| n == f))
+                        .collect();
+                    *seen = Some(names.clone());
+                }
+                let Some(index) = index else {
+                    return Ok((0.0, false));
+                };
+                input.clear();
+                input.extend(index.iter().map(|&i| values[i]));
+                if input.iter().any(|v| !v.is_finite()) {
+                    return Ok((0.0, false));
+                }
+                let o = scorer.score(input)?;
+                if !o.score.is_finite() {
+                    return Err(format!("{}: score {} is not finite", scorer.label(), o.raw));
+                }
+                Ok((o.score, o.score >= scorer.threshold()))
             }
         }
     }
@@ -236,6 +304,12 @@ fn run<R: BufRead, W: Write>(
             return Err(parse_err(1, format!("feature {:?} appears twice", w[0])));
         }
         let n = names.len();
+        if let Some(f) = detector_missing(&detector, &names) {
+            return Err(parse_err(
+                1,
+                format!("no column for feature {f:?}, which the model needs"),
+            ));
+        }
         (
             InputFormat::Export,
             Rows::Export {
@@ -296,7 +370,7 @@ fn run<R: BufRead, W: Write>(
                 windows.push(mono_ms, sample);
                 match windows.compute(mono_ms, mono_ms) {
                     Some(fv) => detector.step(&fv.names, &fv.values),
-                    None => detector.idle(),
+                    None => Ok(detector.idle()),
                 }
             }
             Rows::Export { names, values } => {
@@ -339,13 +413,25 @@ fn run<R: BufRead, W: Write>(
                 }
                 detector.step(names, values)
             }
-        };
+        }
+        .map_err(|what| Fail::Model { line: lineno, what })?;
         n += 1;
         alerts += u64::from(alert);
         writeln!(out, "{ts},{score}").map_err(Fail::Write)?;
     }
     out.flush().map_err(Fail::Write)?;
     Ok((format, n, alerts))
+}
+
+fn detector_missing(d: &ReplayDetector, names: &[String]) -> Option<String> {
+    match d {
+        ReplayDetector::Baseline(_) => None,
+        ReplayDetector::Model(m) => m
+            .feature_names()
+            .iter()
+            .find(|f| !names.contains(f))
+            .cloned(),
+    }
 }
 
 /// `YYYY-MM-DD HH:MM:SS`, optionally with `T` for the space and a

@@ -12,8 +12,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::outbox::event_in;
 use super::schema::durable_transaction;
 use super::{Store, StoreError};
+use crate::sync::message::{events, EventBody, Kind};
 
 /// The hash a chain starts from.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -80,7 +82,15 @@ fn row_hash(id: i64, e: &AuditEntry, prev: &str) -> String {
 
 /// Appends one row in its own durable (synchronous=FULL) transaction.
 pub fn append(conn: &Connection, entry: &AuditEntry) -> Result<AuditRow, StoreError> {
-    durable_transaction(conn, |tx| {
+    durable_transaction(conn, |tx| append_in(tx, entry))
+}
+
+/// Appends one row inside `tx` (with its outbox event, say).
+pub fn append_in(
+    tx: &rusqlite::Transaction<'_>,
+    entry: &AuditEntry,
+) -> Result<AuditRow, StoreError> {
+    {
         let last: Option<(i64, String)> = tx
             .query_row(
                 "SELECT id, hash FROM actions ORDER BY id DESC LIMIT 1",
@@ -121,7 +131,7 @@ pub fn append(conn: &Connection, entry: &AuditEntry) -> Result<AuditRow, StoreEr
             prev_hash: prev,
             hash,
         })
-    })
+    }
 }
 
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
@@ -234,6 +244,45 @@ pub struct Incident {
     pub explanation: serde_json::Value,
 }
 
+fn insert_incident(
+    tx: &rusqlite::Transaction<'_>,
+    target: &str,
+    opened_ms: i64,
+    score: f64,
+    explanation: &serde_json::Value,
+) -> Result<i64, StoreError> {
+    tx.execute(
+        "INSERT INTO incidents (target, opened_ms, score, explanation) VALUES (?1, ?2, ?3, ?4)",
+        params![
+            target,
+            opened_ms,
+            score,
+            serde_json::to_string(explanation)?
+        ],
+    )?;
+    Ok(tx.last_insert_rowid())
+}
+
+fn incident_by_id(conn: &Connection, id: i64) -> Result<Option<Incident>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT id, target, opened_ms, closed_ms, score, explanation FROM incidents WHERE id = ?1",
+            [id],
+            |r| {
+                let e: String = r.get(5)?;
+                Ok(Incident {
+                    id: r.get(0)?,
+                    target: r.get(1)?,
+                    opened_ms: r.get(2)?,
+                    closed_ms: r.get(3)?,
+                    score: r.get(4)?,
+                    explanation: serde_json::from_str(&e).unwrap_or(serde_json::Value::Null),
+                })
+            },
+        )
+        .optional()?)
+}
+
 pub fn open_incident(
     conn: &Connection,
     target: &str,
@@ -262,6 +311,18 @@ pub fn close_incident(conn: &Connection, id: i64, closed_ms: i64) -> Result<(), 
             params![id, closed_ms],
         )?;
         Ok(())
+    })
+}
+
+/// Closes every incident a detector opened that is still open (a restart
+/// starts the detectors afresh); returns how many.
+pub fn close_detector_incidents(conn: &Connection, closed_ms: i64) -> Result<usize, StoreError> {
+    durable_transaction(conn, |tx| {
+        Ok(tx.execute(
+            "UPDATE incidents SET closed_ms = ?1
+             WHERE closed_ms IS NULL AND json_extract(explanation, '$.detector') IS NOT NULL",
+            params![closed_ms],
+        )?)
     })
 }
 
@@ -327,8 +388,30 @@ impl super::Reader {
 
 impl Store {
     /// Appends an audit row; resolves once it is durably on disk.
+    ///
+    /// With the outbox on, the row's event (`action.*`) is written in the
+    /// same transaction: an action the audit knows about is never missing
+    /// from the uplink.
     pub async fn audit(&self, entry: AuditEntry) -> Result<AuditRow, StoreError> {
-        self.exec(move |w| append(w.conn(), &entry)).await?
+        let cfg = self.outbox_config();
+        let (row, queued) = self
+            .exec(move |w| {
+                durable_transaction(w.conn(), |tx| {
+                    let row = append_in(tx, &entry)?;
+                    let queued = match EventBody::from_audit(&row) {
+                        Some(ev) => {
+                            event_in(tx, cfg.as_ref(), &ev, row.entry.ts_ms)?.then_some(ev.event)
+                        }
+                        None => None,
+                    };
+                    Ok((row, queued))
+                })
+            })
+            .await??;
+        if let Some(name) = queued {
+            self.shared.outbox.stored(Kind::Event, Some(&name));
+        }
+        Ok(row)
     }
 
     pub async fn open_incident(
@@ -338,13 +421,66 @@ impl Store {
         score: f64,
         explanation: serde_json::Value,
     ) -> Result<i64, StoreError> {
-        self.exec(move |w| open_incident(w.conn(), &target, opened_ms, score, &explanation))
+        let cfg = self.outbox_config();
+        let (id, queued) = self
+            .exec(move |w| {
+                durable_transaction(w.conn(), |tx| {
+                    let id = insert_incident(tx, &target, opened_ms, score, &explanation)?;
+                    let inc = Incident {
+                        id,
+                        target,
+                        opened_ms,
+                        closed_ms: None,
+                        score,
+                        explanation,
+                    };
+                    let ev = EventBody::incident(events::INCIDENT_OPENED, &inc);
+                    Ok((id, event_in(tx, cfg.as_ref(), &ev, opened_ms)?))
+                })
+            })
+            .await??;
+        if queued {
+            self.shared
+                .outbox
+                .stored(Kind::Event, Some(events::INCIDENT_OPENED));
+        }
+        Ok(id)
+    }
+
+    pub async fn close_detector_incidents(&self, closed_ms: i64) -> Result<usize, StoreError> {
+        self.exec(move |w| close_detector_incidents(w.conn(), closed_ms))
             .await?
     }
 
     pub async fn close_incident(&self, id: i64, closed_ms: i64) -> Result<(), StoreError> {
-        self.exec(move |w| close_incident(w.conn(), id, closed_ms))
-            .await?
+        let cfg = self.outbox_config();
+        let queued = self
+            .exec(move |w| {
+                durable_transaction(w.conn(), |tx| {
+                    let n = tx.execute(
+                        "UPDATE incidents SET closed_ms = ?2 WHERE id = ?1 AND closed_ms IS NULL",
+                        params![id, closed_ms],
+                    )?;
+                    if n == 0 {
+                        return Ok(false);
+                    }
+                    let inc = incident_by_id(tx, id)?;
+                    match inc {
+                        Some(inc) => {
+                            let ev = EventBody::incident(events::INCIDENT_CLOSED, &inc);
+                            event_in(tx, cfg.as_ref(), &ev, closed_ms)
+                        }
+                        None => Ok(false),
+                    }
+                })
+            })
+            .await??;
+        if queued {
+            self.shared
+                .outbox
+                .stored(Kind::Event, Some(events::INCIDENT_CLOSED));
+        }
+        Ok(())
     }
 
     pub async fn save_guard(

@@ -19,6 +19,7 @@
 
 pub mod audit;
 pub mod codec;
+pub mod outbox;
 mod reader;
 pub mod schema;
 mod writer;
@@ -121,6 +122,7 @@ struct Shared {
     dropped: Arc<AtomicU64>,
     /// Whether we are in a burst of drops (logged once per burst).
     dropping: AtomicBool,
+    outbox: outbox::OutboxShared,
 }
 
 /// Handle to the store's writer thread. Cheap to clone.
@@ -170,6 +172,7 @@ impl Store {
                 targets,
                 dropped,
                 dropping: AtomicBool::new(false),
+                outbox: outbox::OutboxShared::default(),
             }),
         })
     }

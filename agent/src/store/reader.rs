@@ -121,6 +121,24 @@ impl Reader {
         })
     }
 
+    /// The feature names of the newest stored vectors (empty when none are
+    /// stored yet): what a model installed on this node can consume.
+    pub fn latest_feature_names(&self) -> Result<Vec<String>, StoreError> {
+        let names: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT s.names FROM features f JOIN feature_schemas s ON s.id = f.schema_id
+                 ORDER BY f.id DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(match names {
+            Some(json) => serde_json::from_str(&json)?,
+            None => Vec::new(),
+        })
+    }
+
     /// Feature vectors with ts_ms >= since_ms, oldest first, decoded.
     pub fn features_since(&self, since_ms: i64) -> Result<Vec<FeatureVector>, StoreError> {
         let mut out = Vec::new();

@@ -124,6 +124,21 @@ CREATE TABLE outbox (
     created_ms INTEGER NOT NULL
 );
 "#,
+    // 2: the outbox as the uplink uses it (store/outbox.rs). The seq is the
+    // message's own, assigned from `meta.outbox_seq` so it never goes back
+    // (the version-1 table was never written).
+    r#"
+DROP TABLE outbox;
+CREATE TABLE outbox (
+    seq        INTEGER PRIMARY KEY NOT NULL,
+    kind       TEXT NOT NULL,       -- state | summary | event | reply
+    topic      TEXT NOT NULL,
+    retained   INTEGER NOT NULL,
+    payload    BLOB NOT NULL,       -- the JSON message as published
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX outbox_kind ON outbox(kind, seq);
+"#,
 ];
 
 /// The schema version this build writes and reads.
