@@ -37,6 +37,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent. With no config it watches the host on built-in defaults.
     Run {
+        /// The local config: the node's policy. A config the fleet pushed
+        /// (STATE_DIR/fleet-config.toml) runs instead while it is within it.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },

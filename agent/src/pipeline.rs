@@ -1,6 +1,8 @@
 //! The daemon: wires collection, feature windows and the store, and handles
 //! the lifecycle (readiness, watchdog, reload, shutdown).
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,7 @@ use crate::detect::stage::{self, DetectStage};
 use crate::notify::{Notifier, Progress};
 use crate::remediate::{ActionResult, Remediator};
 use crate::store::Store;
+use crate::sync::fleet_config;
 
 /// How long shutdown may take before outpost gives up flushing. The unit's
 /// TimeoutStopSec must be longer.
@@ -32,8 +35,11 @@ struct Agent {
     remediator: Remediator,
     results: tokio::sync::mpsc::UnboundedReceiver<ActionResult>,
     detect: DetectStage,
-    /// Per-sample health and scores for the uplink's summaries (MQTT on).
-    telemetry: Option<crate::sync::Telemetry>,
+    /// The MQTT uplink (when `[mqtt]` is set), restarted by a reload that
+    /// changes what it runs with.
+    uplink: UplinkSlot,
+    /// The `--config` file: the local policy, read again at every reload.
+    local_path: Option<PathBuf>,
     /// READY=1 is due after the next sample (at start and after a reload).
     ready_due: bool,
 }
@@ -43,11 +49,17 @@ enum Exit {
     Reload(Box<Config>),
 }
 
-/// Runs the agent until `shutdown` is cancelled. SIGHUP reloads the config
-/// file it was started with; a config that fails validation is refused and
-/// the running one kept.
+/// Runs the agent until `shutdown` is cancelled. `config` is the local
+/// config (`--config`, the policy); the agent runs the config the fleet
+/// pushed instead when there is one within that policy
+/// ([`fleet_config::select`]). SIGHUP reads both again; a local config that
+/// fails validation is refused and the running one kept.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let started = Instant::now();
+    let local_path = config.source.clone();
+    let state_dir = config.agent.state_dir.clone();
+    let (config, selection) = fleet_config::select(config, &state_dir);
+    selection.log();
     let store = Store::open(&config).context("opening the local store")?;
     let status: SharedStatus = Arc::new(Mutex::new(LiveStatus {
         node_id: config.agent.node_id.clone(),
@@ -74,8 +86,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         cmd_tx.clone(),
         shutdown.clone(),
     )?;
-    let uplink = start_uplink(&config, &store, &status, cmd_tx, shutdown.child_token());
-    let telemetry = uplink.as_ref().map(|u| u.telemetry.clone());
+    let mut uplink = UplinkSlot::new(
+        store.clone(),
+        status.clone(),
+        cmd_tx,
+        local_path.clone(),
+        shutdown.clone(),
+    );
+    uplink.start(&config);
+    // After the uplink turned the outbox on, so the fleet hears of it.
+    if let Some(ev) = selection.refusal_event() {
+        store.post_event(ev);
+    }
     let notifier = Notifier::from_env();
     let progress = Progress::default();
     notifier.spawn_watchdog(
@@ -102,7 +124,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         remediator,
         results,
         detect,
-        telemetry,
+        uplink,
+        local_path,
         ready_due: true,
     };
     let mut config = config;
@@ -113,18 +136,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         match exit {
             Exit::Shutdown => break,
             Exit::Reload(new) => {
-                if new.mqtt != config.mqtt || new.fleet != config.fleet {
-                    tracing::warn!(
-                        "[mqtt] or [fleet] changed; it takes effect at the next restart"
-                    );
-                }
-                agent.store.post_event(crate::sync::EventBody::new(
-                    crate::sync::message::events::CONFIG_APPLIED,
-                    serde_json::json!({ "source": config_name(&new) }),
-                ));
                 if new.agent.state_dir != config.agent.state_dir {
                     tracing::warn!("agent.state_dir changed; it takes effect at the next restart");
                 }
+                let uplink_changed = uplink_settings_changed(&config, &new);
                 config = Config {
                     agent: crate::config::AgentConfig {
                         state_dir: config.agent.state_dir.clone(),
@@ -132,9 +147,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     },
                     ..*new
                 };
-                tracing::info!(targets = config.targets.len(), "config reloaded");
+                tracing::info!(targets = config.targets.len(), config = %config_name(&config), "config reloaded");
                 agent.remediator.reconfigure(&config);
                 agent.detect.reconfigure(config.detect.clone());
+                if uplink_changed {
+                    tracing::info!("[mqtt], [fleet] or the node id changed: restarting the uplink");
+                    agent.uplink.restart(&config).await;
+                }
+                // After a restart, so it goes out under the new settings.
+                agent.store.post_event(crate::sync::EventBody::new(
+                    crate::sync::message::events::CONFIG_APPLIED,
+                    serde_json::json!({ "source": config_name(&config) }),
+                ));
                 for w in config.render_warnings(&config_name(&config)) {
                     tracing::warn!(warning = %w, "config");
                 }
@@ -146,16 +170,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
 
     let Agent {
-        store, notifier, ..
+        store,
+        notifier,
+        mut uplink,
+        ..
     } = agent;
     notifier.stopping();
-    if let Some(u) = uplink {
-        // The uplink publishes the offline state and disconnects; it has
-        // part of the deadline, the store's final flush the rest.
-        if tokio::time::timeout(UPLINK_STOP, u.task).await.is_err() {
-            tracing::warn!("the uplink did not stop in time");
-        }
-    }
+    // The uplink publishes the offline state and disconnects; it has part
+    // of the deadline, the store's final flush the rest.
+    uplink.stop(UPLINK_STOP).await;
     match tokio::time::timeout(SHUTDOWN_DEADLINE, store.close()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "store did not close cleanly"),
@@ -163,6 +186,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     tracing::info!(uptime_s = started.elapsed().as_secs(), "outpost stopped");
     Ok(())
+}
+
+/// Whether a reload from `old` to `new` changes what the uplink runs with:
+/// `[mqtt]`, `[fleet]`, the node id, the pause file (its view shows it).
+fn uplink_settings_changed(old: &Config, new: &Config) -> bool {
+    old.mqtt != new.mqtt
+        || old.fleet != new.fleet
+        || old.agent.node_id != new.agent.node_id
+        || old.guard.pause_file != new.guard.pause_file
 }
 
 impl Agent {
@@ -209,7 +241,7 @@ impl Agent {
                     self.remediator.on_result(result).await;
                 }
                 _ = self.hup.recv() => {
-                    if let Some(new) = reload(cfg, &self.notifier, &self.store) {
+                    if let Some(new) = reload(self.local_path.as_deref(), &cfg.agent.state_dir, &self.notifier, &self.store) {
                         return Exit::Reload(Box::new(new));
                     }
                 }
@@ -219,7 +251,7 @@ impl Agent {
                     let mono_ms = now.duration_since(base).as_millis() as i64;
                     windows.push(mono_ms, &sample);
                     self.remediator.step(&sample, &self.detect.anomaly).await;
-                    if let Some(t) = &self.telemetry {
+                    if let Some(t) = self.uplink.telemetry() {
                         t.observe(&sample.targets, &self.detect.anomaly);
                     }
                     self.progress.tick();
@@ -273,17 +305,28 @@ impl Agent {
     }
 }
 
-/// Loads the config file again; `None` (and an error log) when it is
-/// refused, so the caller keeps the running config.
-fn reload(cfg: &Config, notifier: &Notifier, store: &Store) -> Option<Config> {
-    let Some(path) = cfg.source.as_ref() else {
+/// Loads the local config again and chooses what to run
+/// ([`fleet_config::select`]); `None` (and an error log) when the local
+/// config is refused, so the caller keeps the running config.
+fn reload(
+    local_path: Option<&Path>,
+    state_dir: &Path,
+    notifier: &Notifier,
+    store: &Store,
+) -> Option<Config> {
+    let Some(path) = local_path else {
         tracing::info!("SIGHUP: running on the built-in default, nothing to reload");
         return None;
     };
     notifier.reloading();
     let result = Config::load(path);
     match result {
-        Ok(new) => {
+        Ok(local) => {
+            let (new, selection) = fleet_config::select(local, state_dir);
+            selection.log();
+            if let Some(ev) = selection.refusal_event() {
+                store.post_event(ev);
+            }
             notifier.status("config reloaded");
             Some(new)
         }
@@ -306,27 +349,129 @@ fn reload(cfg: &Config, notifier: &Notifier, store: &Store) -> Option<Config> {
 /// How long shutdown waits for the uplink (offline state, DISCONNECT).
 const UPLINK_STOP: Duration = Duration::from_millis(600);
 
+/// How long a restart waits for the old uplink to say goodbye before it
+/// aborts it. Sampling waits too, so well under the unit's watchdog.
+const UPLINK_RESTART: Duration = Duration::from_secs(2);
+
 /// The running uplink.
 struct RunningUplink {
     task: tokio::task::JoinHandle<()>,
+    token: CancellationToken,
     telemetry: crate::sync::Telemetry,
 }
 
-/// Starts the MQTT uplink when `[mqtt]` is configured. A broken TLS file or
-/// password file is logged and the agent runs without the uplink: detection
-/// and remediation do not depend on it.
-fn start_uplink(
-    config: &Config,
-    store: &Store,
-    status: &SharedStatus,
+/// The uplink across reloads: what stays (the store, the command handler's
+/// nonces and `config.apply` watchdog, the connection flag the watchdog
+/// watches) and the uplink task of the current settings.
+struct UplinkSlot {
+    running: Option<RunningUplink>,
+    store: Store,
+    status: SharedStatus,
     control: tokio::sync::mpsc::Sender<control::Command>,
+    local_path: Option<PathBuf>,
+    shutdown: CancellationToken,
+    /// Whether the current uplink is connected; it follows each new uplink,
+    /// so a `config.apply` watchdog sees the uplink of the new config.
+    connected: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Which uplink `connected` follows.
+    generation: Arc<AtomicU64>,
+    shared: Arc<crate::sync::command::Shared>,
+}
+
+impl UplinkSlot {
+    fn new(
+        store: Store,
+        status: SharedStatus,
+        control: tokio::sync::mpsc::Sender<control::Command>,
+        local_path: Option<PathBuf>,
+        shutdown: CancellationToken,
+    ) -> UplinkSlot {
+        UplinkSlot {
+            running: None,
+            store,
+            status,
+            control,
+            local_path,
+            shutdown,
+            connected: Arc::new(tokio::sync::watch::channel(false).0),
+            generation: Arc::new(AtomicU64::new(0)),
+            shared: Arc::new(crate::sync::command::Shared::default()),
+        }
+    }
+
+    fn telemetry(&self) -> Option<&crate::sync::Telemetry> {
+        self.running.as_ref().map(|u| &u.telemetry)
+    }
+
+    /// Starts the uplink of `config` (none without `[mqtt]`, or when it
+    /// cannot be built).
+    fn start(&mut self, config: &Config) {
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.connected.send_replace(false);
+        if config.mqtt.is_none() {
+            // No uplink: nothing new goes to the outbox; what is in it stays.
+            self.store.configure_outbox(None);
+            return;
+        }
+        let token = self.shutdown.child_token();
+        let Some((running, mut connected)) = start_uplink(self, config, token) else {
+            return;
+        };
+        let follow = self.connected.clone();
+        let current = self.generation.clone();
+        tokio::spawn(async move {
+            loop {
+                let up = *connected.borrow_and_update();
+                if current.load(Ordering::SeqCst) != generation {
+                    return;
+                }
+                follow.send_replace(up);
+                if connected.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        self.running = Some(running);
+    }
+
+    /// Stops the uplink: it publishes the offline state and disconnects;
+    /// past `within` it is aborted.
+    async fn stop(&mut self, within: Duration) {
+        let Some(mut u) = self.running.take() else {
+            return;
+        };
+        u.token.cancel();
+        if tokio::time::timeout(within, &mut u.task).await.is_err() {
+            tracing::warn!("the uplink did not stop in time");
+            u.task.abort();
+        }
+    }
+
+    /// Stops the uplink and starts the one of `config`. The outbox is in
+    /// the store, so nothing queued is lost.
+    async fn restart(&mut self, config: &Config) {
+        self.stop(UPLINK_RESTART).await;
+        self.start(config);
+    }
+}
+
+/// Builds and spawns the MQTT uplink of `config` (which has `[mqtt]`). A
+/// broken TLS file or password file is logged and the agent runs without
+/// the uplink: detection and remediation do not depend on it.
+fn start_uplink(
+    slot: &UplinkSlot,
+    config: &Config,
     token: CancellationToken,
-) -> Option<RunningUplink> {
+) -> Option<(RunningUplink, tokio::sync::watch::Receiver<bool>)> {
     use crate::sync::{command, uplink};
     let mqtt = config.mqtt.as_ref()?;
-    let started_ms = status.lock().unwrap_or_else(|p| p.into_inner()).started_ms;
+    let started_ms = slot
+        .status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .started_ms;
     let node = uplink::NodeConfig::from_config(config, mqtt, started_ms);
-    let up = match uplink::Uplink::new(node, store.clone()) {
+    let up = match uplink::Uplink::new(node, slot.store.clone()) {
         Ok(u) => u,
         Err(e) => {
             tracing::error!(error = %e, "mqtt uplink not started; running without it");
@@ -338,15 +483,15 @@ fn start_uplink(
         group: config.fleet.group.clone(),
         trusted_keys: config.fleet.trusted_keys.clone(),
         allow_unsigned: config.fleet.allow_unsigned,
-        control,
+        control: slot.control.clone(),
         state_dir: config.agent.state_dir.clone(),
-        store: store.clone(),
-        config_path: config.source.clone(),
-        status: status.clone(),
+        store: slot.store.clone(),
+        config_path: slot.local_path.clone(),
+        status: slot.status.clone(),
         pause_file: config.guard.pause_file.clone(),
-        connected: up.connected(),
+        connected: slot.connected.subscribe(),
         reload: command::sighup_self(),
-        shared: Arc::new(command::Shared::default()),
+        shared: slot.shared.clone(),
     };
     ctx.log_policy();
     let ctx = Arc::new(ctx);
@@ -356,7 +501,7 @@ fn start_uplink(
     });
     let telemetry = crate::sync::Telemetry::default();
     let view = Arc::new(crate::sync::DaemonView {
-        status: status.clone(),
+        status: slot.status.clone(),
         telemetry: telemetry.clone(),
         group: config.fleet.group.clone(),
         pause_file: config.guard.pause_file.clone(),
@@ -365,10 +510,19 @@ fn start_uplink(
         url = %mqtt.url,
         client_id = %mqtt.client_id,
         topic_prefix = %mqtt.topic_prefix,
+        group = ?config.fleet.group,
         "mqtt uplink starting"
     );
-    let task = tokio::spawn(up.run(view, Some(handler), token));
-    Some(RunningUplink { task, telemetry })
+    let connected = up.connected();
+    let task = tokio::spawn(up.run(view, Some(handler), token.clone()));
+    Some((
+        RunningUplink {
+            task,
+            token,
+            telemetry,
+        },
+        connected,
+    ))
 }
 
 fn config_name(cfg: &Config) -> String {

@@ -21,6 +21,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::envelope::{self, EnvelopeError};
+use super::fleet_config;
 use crate::collect::sampler::now_ms;
 use crate::control::{Reply, Request, SharedStatus};
 use crate::detect::engine::Role;
@@ -39,7 +40,7 @@ pub const NONCE_FILE: &str = "fleet-nonces.json";
 /// The largest model package tar `model.install` takes.
 pub const MAX_MODEL_TAR_BYTES: usize = 8 << 20;
 /// How long `config.apply` waits for the uplink to be connected under the
-/// new config before it restores the previous file.
+/// new config before it restores the previous one.
 pub const CONFIG_WATCHDOG: Duration = Duration::from_secs(60);
 /// After a reload the watchdog ignores the connection state this long, so
 /// it does not take the old connection (about to be replaced) for a good one.
@@ -125,7 +126,10 @@ pub struct CommandContext {
     pub control: tokio::sync::mpsc::Sender<crate::control::Command>,
     pub state_dir: PathBuf,
     pub store: crate::store::Store,
-    /// The config file the agent runs, for `config.apply`.
+    /// The local config file the agent was started with (`--config`): the
+    /// policy a pushed config must stay within. `config.apply` reads it and
+    /// never writes it; the pushed config goes to
+    /// [`fleet_config::path`]`(state_dir)`.
     pub config_path: Option<PathBuf>,
     /// The live status (what `outpost status` shows).
     pub status: SharedStatus,
@@ -133,7 +137,8 @@ pub struct CommandContext {
     /// `outpost pause`/`resume` do.
     pub pause_file: PathBuf,
     /// Whether the uplink is connected to the broker (for the
-    /// `config.apply` watchdog).
+    /// `config.apply` watchdog); the daemon's follows the uplink across
+    /// restarts.
     pub connected: tokio::sync::watch::Receiver<bool>,
     /// Reloads the config; [`sighup_self`] in the daemon.
     pub reload: Reload,
@@ -937,29 +942,42 @@ async fn model_install(
     }))
 }
 
-/// The file the previous config is kept in.
+/// The file the previous pushed config is kept in (for the watchdog).
 pub fn prev_path(config: &Path) -> PathBuf {
     let mut p = config.as_os_str().to_owned();
     p.push(".prev");
     PathBuf::from(p)
 }
 
+fn refuse_config(ctx: &CommandContext, path: &Path, why: String) -> CommandError {
+    ctx.store.post_event(super::EventBody::new(
+        super::message::events::CONFIG_REFUSED,
+        serde_json::json!({ "source": path.display().to_string(), "error": why }),
+    ));
+    CommandError::Refused(format!("config refused, nothing written: {why}"))
+}
+
+/// Stores a pushed config in the state directory ([`fleet_config::FILE`])
+/// after checking it against the local policy (the `--config` file, read
+/// again now), and reloads. The local config file is never written.
 async fn config_apply(
     ctx: &CommandContext,
     toml: String,
     sha256: &str,
 ) -> Result<serde_json::Value, CommandError> {
-    let Some(path) = ctx.config_path.clone() else {
+    let Some(local_path) = ctx.config_path.clone() else {
         return Err(CommandError::Refused(
-            "this agent runs on the built-in default config: there is no config file to replace"
+            "this agent runs on the built-in default config: there is no local policy to check \
+             a pushed config against"
                 .into(),
         ));
     };
-    if let Err(e) = crate::config::parse_str(&toml, &path.display().to_string()) {
-        return Err(CommandError::Refused(format!(
-            "config refused, nothing written:\n{e}"
-        )));
-    }
+    let path = fleet_config::path(&ctx.state_dir);
+    let pushed = crate::config::parse_str(&toml, &path.display().to_string())
+        .map_err(|e| refuse_config(ctx, &path, format!("not a valid config:\n{e}")))?;
+    let local = crate::config::Config::load(&local_path)
+        .map_err(|e| refuse_config(ctx, &path, format!("the local policy cannot be read:\n{e}")))?;
+    fleet_config::check(&local, &pushed).map_err(|e| refuse_config(ctx, &path, e.to_string()))?;
     if ctx
         .shared
         .watchdog_armed
@@ -970,12 +988,15 @@ async fn config_apply(
             "a config apply is still being watched; try again in a minute".into(),
         ));
     }
+    let prev = prev_path(&path);
     let written = (|| -> std::io::Result<()> {
-        use std::os::unix::fs::PermissionsExt as _;
-        let current = std::fs::read(&path)?;
-        let mode = std::fs::metadata(&path)?.permissions().mode() & 0o7777;
-        write_atomically(&prev_path(&path), &current, mode)?;
-        write_atomically(&path, toml.as_bytes(), mode)
+        match std::fs::read(&path) {
+            Ok(current) => write_atomically(&prev, &current, 0o600)?,
+            // The first push: restoring means running the local config.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => remove_if_present(&prev)?,
+            Err(e) => return Err(e),
+        }
+        write_atomically(&path, toml.as_bytes(), 0o600)
     })();
     if let Err(e) = written {
         ctx.shared.watchdog_armed.store(false, Ordering::SeqCst);
@@ -987,7 +1008,7 @@ async fn config_apply(
     if let Err(e) = (ctx.reload)() {
         tracing::error!(error = %e, "cannot trigger the config reload");
     }
-    tracing::info!(config = %path.display(), sha256 = %sha256, "fleet config applied; watching the uplink for 60 s");
+    tracing::info!(config = %path.display(), policy = %local_path.display(), sha256 = %sha256, "fleet config stored; watching the uplink for 60 s");
     let connected = ctx.connected.clone();
     let reload = ctx.reload.clone();
     let shared = ctx.shared.clone();
@@ -1000,14 +1021,28 @@ async fn config_apply(
         CONFIG_WATCHDOG,
     ));
     Ok(serde_json::json!({
-        "message": format!("config written to {} and reloaded; restored unless the uplink is connected within {} s", path.display(), CONFIG_WATCHDOG.as_secs()),
+        "message": format!(
+            "config stored as {} (within the local policy of {}) and reloaded; restored unless the uplink is connected within {} s",
+            path.display(),
+            local_path.display(),
+            CONFIG_WATCHDOG.as_secs()
+        ),
+        "path": path.display().to_string(),
         "sha256": sha256.to_ascii_lowercase(),
     }))
 }
 
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Waits `grace`, then until `window` (from the apply) ends for the uplink
-/// to be connected; if it never is, puts the previous config back and
-/// reloads again.
+/// to be connected; if it never is, puts the previous pushed config back
+/// (or, after the first push, removes the pushed config so the local one
+/// runs) and reloads again.
 async fn watchdog(
     path: PathBuf,
     mut connected: tokio::sync::watch::Receiver<bool>,
@@ -1025,14 +1060,16 @@ async fn watchdog(
         tracing::info!(config = %path.display(), "fleet config kept: the uplink is connected");
     } else {
         let prev = prev_path(&path);
-        let restored = std::fs::read(&prev).and_then(|old| {
-            use std::os::unix::fs::PermissionsExt as _;
-            let mode = std::fs::metadata(&prev)?.permissions().mode() & 0o7777;
-            write_atomically(&path, &old, mode)
-        });
+        let restored = match std::fs::read(&prev) {
+            Ok(old) => write_atomically(&path, &old, 0o600).map(|()| "the previous fleet config"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                remove_if_present(&path).map(|()| "the local config (the fleet config is removed)")
+            }
+            Err(e) => Err(e),
+        };
         match restored {
-            Ok(()) => {
-                tracing::error!(config = %path.display(), "the uplink did not connect within 60 s of a fleet config apply: previous config restored");
+            Ok(what) => {
+                tracing::error!(config = %path.display(), "the uplink did not connect within 60 s of a fleet config apply: back to {what}");
                 if let Err(e) = reload() {
                     tracing::error!(error = %e, "cannot trigger the config reload");
                 }

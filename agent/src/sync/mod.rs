@@ -8,6 +8,7 @@
 pub mod backoff;
 pub mod command;
 pub mod envelope;
+pub mod fleet_config;
 pub mod message;
 pub mod tls;
 pub mod uplink;

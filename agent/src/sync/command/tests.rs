@@ -26,8 +26,13 @@ fn harness(trusted: bool, allow_unsigned: bool) -> Harness {
     let mut cfg = crate::config::Config::builtin();
     cfg.agent.state_dir = dir.path().join("state");
     let store = crate::store::Store::open(&cfg).unwrap();
+    let k = key(1);
     let config_path = dir.path().join("outpost.toml");
-    std::fs::write(&config_path, "[agent]\nnode_id = \"n1\"\n").unwrap();
+    std::fs::write(
+        &config_path,
+        local_policy(&cfg.agent.state_dir, &key_line(&k.verifying_key())),
+    )
+    .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::control::Command>(8);
     let requests = Arc::new(Mutex::new(Vec::new()));
     let seen = requests.clone();
@@ -55,7 +60,6 @@ fn harness(trusted: bool, allow_unsigned: bool) -> Harness {
     let reloads = Arc::new(AtomicUsize::new(0));
     let r = reloads.clone();
     let (connected, connected_rx) = tokio::sync::watch::channel(false);
-    let k = key(1);
     let ctx = CommandContext {
         node_id: "n1".into(),
         group: Some("hall-2".into()),
@@ -125,9 +129,33 @@ impl Harness {
         self.requests.lock().unwrap().clone()
     }
 
+    /// The local config (the policy), which `config.apply` never writes.
     fn config_text(&self) -> String {
         std::fs::read_to_string(self.ctx.config_path.as_ref().unwrap()).unwrap()
     }
+
+    /// Where `config.apply` stores a pushed config.
+    fn fleet_path(&self) -> PathBuf {
+        fleet_config::path(&self.ctx.state_dir)
+    }
+
+    fn fleet_text(&self) -> Option<String> {
+        std::fs::read_to_string(self.fleet_path()).ok()
+    }
+}
+
+/// The harness's local config: restart nginx when its probe fails, the
+/// harness's key trusted.
+fn local_policy(state_dir: &Path, key: &str) -> String {
+    format!(
+        "[agent]\nnode_id = \"n1\"\nstate_dir = {state:?}\n\n\
+         [[target]]\nname = \"web\"\nkind = \"systemd\"\nunit = \"nginx.service\"\n\
+         probe = {{ http = \"http://127.0.0.1:8080/\" }}\n\n\
+         [[rule]]\nname = \"web-hung\"\ntarget = \"web\"\nwhen = \"probe_failed\"\n\
+         do = \"restart\"\nmode = \"auto\"\n\n\
+         [fleet]\ntrusted_keys = [{key:?}]\n",
+        state = state_dir.display().to_string()
+    )
 }
 
 fn refused(r: &CommandReply, needle: &str) {
@@ -411,14 +439,10 @@ fn config_cmd(toml: &str, sha: Option<&str>) -> Command {
 async fn config_apply_with_a_wrong_sha256_writes_nothing() {
     let h = harness(true, false);
     let before = h.config_text();
-    let r = h
-        .send(&config_cmd(
-            "[agent]\nnode_id = \"n2\"\n",
-            Some(&"0".repeat(64)),
-        ))
-        .await;
+    let r = h.send(&config_cmd(&before, Some(&"0".repeat(64)))).await;
     refused(&r, "sha256 mismatch");
     assert_eq!(h.config_text(), before);
+    assert_eq!(h.fleet_text(), None);
     assert_eq!(h.reloads.load(Ordering::SeqCst), 0);
 }
 
@@ -427,33 +451,168 @@ async fn config_apply_refuses_an_invalid_config_and_writes_nothing() {
     let h = harness(true, false);
     let before = h.config_text();
     let r = h.send(&config_cmd("[agent]\nbogus_key = 1\n", None)).await;
+    refused(&r, "config refused, nothing written: not a valid config");
     refused(&r, "bogus_key");
     assert_eq!(h.config_text(), before);
+    assert_eq!(h.fleet_text(), None);
+    assert!(!prev_path(&h.fleet_path()).exists());
+    assert_eq!(h.reloads.load(Ordering::SeqCst), 0);
+    assert!(!h.ctx.shared.watchdog_armed.load(Ordering::SeqCst));
+}
+
+#[tokio::test]
+async fn config_apply_stores_the_push_in_the_state_dir_and_reloads() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let h = harness(true, false);
+    let local = h.config_text();
+    let first = local.replace(
+        "node_id = \"n1\"",
+        "node_id = \"n1\"\nsample_interval_ms = 2000",
+    );
+    let r = h.send(&config_cmd(&first, None)).await;
+    assert!(r.ok, "{r:?}");
+    let result = r.result.unwrap();
+    assert_eq!(result["path"], h.fleet_path().display().to_string());
+    assert!(
+        result["message"]
+            .as_str()
+            .unwrap()
+            .contains("within the local policy"),
+        "{result}"
+    );
+    // Stored in the state directory, private to the agent; the local
+    // config (the policy) is untouched, and there is no previous push.
+    assert_eq!(h.fleet_text().as_deref(), Some(first.as_str()));
+    let mode = std::fs::metadata(h.fleet_path())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(h.config_text(), local);
+    assert!(!prev_path(&h.fleet_path()).exists());
     assert!(!prev_path(h.ctx.config_path.as_ref().unwrap()).exists());
+    assert_eq!(h.reloads.load(Ordering::SeqCst), 1);
+    // A second apply while the first is watched is refused.
+    let second = local.replace(
+        "node_id = \"n1\"",
+        "node_id = \"n1\"\nsample_interval_ms = 3000",
+    );
+    refused(
+        &h.send(&config_cmd(&second, None)).await,
+        "still being watched",
+    );
+    assert_eq!(h.fleet_text().as_deref(), Some(first.as_str()));
+    // Once the watch is over, the next push keeps the first as .prev.
+    h.ctx.shared.watchdog_armed.store(false, Ordering::SeqCst);
+    let r = h.send(&config_cmd(&second, None)).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(h.fleet_text().as_deref(), Some(second.as_str()));
+    assert_eq!(
+        std::fs::read_to_string(prev_path(&h.fleet_path())).unwrap(),
+        first
+    );
+    assert_eq!(h.reloads.load(Ordering::SeqCst), 2);
+    assert_eq!(h.config_text(), local);
+}
+
+#[tokio::test]
+async fn config_apply_refuses_a_push_outside_the_local_policy_and_writes_nothing() {
+    let h = harness(true, false);
+    let local = h.config_text();
+    for (push, why) in [
+        // A unit the local rules do not act on.
+        (
+            local.replace("nginx.service", "sshd-keygen.service"),
+            "restart on sshd-keygen.service (auto): no local rule does this",
+        ),
+        // A verb they do not use.
+        (
+            local.replace("do = \"restart\"", "do = \"stop\""),
+            "stop on nginx.service",
+        ),
+        // Anyone may command the node.
+        (
+            local.replace(
+                &format!("trusted_keys = [{:?}]", key_line(&h.key.verifying_key())),
+                "allow_unsigned = true",
+            ),
+            "fleet.allow_unsigned",
+        ),
+        // Nobody's key.
+        (
+            local.replace(
+                &format!("trusted_keys = [{:?}]", key_line(&h.key.verifying_key())),
+                "trusted_keys = []",
+            ),
+            "fleet.trusted_keys",
+        ),
+        // A built-in protection removed.
+        (
+            format!("{local}\n[guard]\nunprotect = [\"ssh.service\"]\n"),
+            "guard.unprotect",
+        ),
+    ] {
+        assert_ne!(push, local, "the edit for {why:?} changed nothing");
+        let r = h.send(&config_cmd(&push, None)).await;
+        refused(
+            &r,
+            "config refused, nothing written: outside the local policy of",
+        );
+        refused(&r, why);
+    }
+    assert_eq!(h.config_text(), local);
+    assert_eq!(h.fleet_text(), None);
+    assert!(!prev_path(&h.fleet_path()).exists());
+    assert_eq!(h.reloads.load(Ordering::SeqCst), 0);
+    assert!(!h.ctx.shared.watchdog_armed.load(Ordering::SeqCst));
+}
+
+#[tokio::test]
+async fn config_apply_checks_the_local_policy_as_it_is_now() {
+    let h = harness(true, false);
+    let old_policy = h.config_text();
+    // The operator takes the restart rule out of the local config: a push
+    // that still has it is refused without a restart of the agent.
+    let cut = old_policy.split("[[rule]]").next().unwrap().to_string()
+        + &format!(
+            "[fleet]\ntrusted_keys = [{:?}]\n",
+            key_line(&h.key.verifying_key())
+        );
+    std::fs::write(h.ctx.config_path.as_ref().unwrap(), &cut).unwrap();
+    let r = h.send(&config_cmd(&old_policy, None)).await;
+    refused(
+        &r,
+        "restart on nginx.service (auto): no local rule does this",
+    );
+    assert_eq!(h.fleet_text(), None);
+    // An unreadable local policy refuses every push.
+    std::fs::write(
+        h.ctx.config_path.as_ref().unwrap(),
+        "[agent]\nnode_id = 7\n",
+    )
+    .unwrap();
+    let r = h.send(&config_cmd(&cut, None)).await;
+    refused(&r, "the local policy cannot be read");
+    assert_eq!(h.fleet_text(), None);
     assert_eq!(h.reloads.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test]
-async fn config_apply_writes_keeps_prev_and_reloads() {
-    let h = harness(true, false);
-    let before = h.config_text();
-    let new = "[agent]\nnode_id = \"n1\"\nsample_interval_ms = 2000\n";
-    let r = h.send(&config_cmd(new, None)).await;
-    assert!(r.ok, "{r:?}");
-    let path = h.ctx.config_path.clone().unwrap();
-    assert_eq!(h.config_text(), new);
-    assert_eq!(std::fs::read_to_string(prev_path(&path)).unwrap(), before);
-    assert_eq!(h.reloads.load(Ordering::SeqCst), 1);
-    // A second apply while the first is watched is refused.
-    let r = h.send(&config_cmd(&before, None)).await;
-    refused(&r, "still being watched");
-    assert_eq!(h.config_text(), new);
+async fn config_apply_is_refused_without_a_local_config_file() {
+    let mut h = harness(true, false);
+    h.ctx.config_path = None;
+    let r = h
+        .send(&config_cmd("[agent]\nnode_id = \"n1\"\n", None))
+        .await;
+    refused(&r, "built-in default config");
+    assert_eq!(h.fleet_text(), None);
 }
 
 #[tokio::test]
-async fn the_watchdog_restores_the_previous_config_when_the_uplink_stays_down() {
+async fn the_watchdog_restores_the_previous_push_when_the_uplink_stays_down() {
     let h = harness(true, false);
-    let path = h.ctx.config_path.clone().unwrap();
+    let path = h.fleet_path();
     std::fs::write(prev_path(&path), "old\n").unwrap();
     std::fs::write(&path, "new\n").unwrap();
     h.ctx.shared.watchdog_armed.store(true, Ordering::SeqCst);
@@ -473,9 +632,36 @@ async fn the_watchdog_restores_the_previous_config_when_the_uplink_stays_down() 
 }
 
 #[tokio::test]
+async fn the_watchdog_goes_back_to_the_local_config_after_a_first_push() {
+    let h = harness(true, false);
+    let local = h.config_text();
+    let push = local.replace(
+        "node_id = \"n1\"",
+        "node_id = \"n1\"\nsample_interval_ms = 2000",
+    );
+    assert!(h.send(&config_cmd(&push, None)).await.ok);
+    assert!(h.fleet_path().exists());
+    let kept = watchdog(
+        h.fleet_path(),
+        h.ctx.connected.clone(),
+        h.ctx.reload.clone(),
+        h.ctx.shared.clone(),
+        Duration::from_millis(10),
+        Duration::from_millis(100),
+    )
+    .await;
+    assert!(!kept);
+    // No previous push: the pushed file goes, so the reload runs the local
+    // config, which was never touched.
+    assert!(!h.fleet_path().exists());
+    assert_eq!(h.config_text(), local);
+    assert_eq!(h.reloads.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
 async fn the_watchdog_keeps_the_new_config_once_the_uplink_is_connected() {
     let h = harness(true, false);
-    let path = h.ctx.config_path.clone().unwrap();
+    let path = h.fleet_path();
     std::fs::write(prev_path(&path), "old\n").unwrap();
     std::fs::write(&path, "new\n").unwrap();
     let tx = h.connected.clone();
