@@ -653,9 +653,14 @@ fn the_real_agent_takes_signed_commands_from_outpost_fleet() {
         ],
     );
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
-    assert_eq!(std::fs::read_to_string(&config).unwrap(), good_toml);
-    let prev = dir.path().join("outpost.toml.prev");
-    assert_eq!(std::fs::read_to_string(&prev).unwrap(), toml);
+    // Stored in the state directory; the local config (the policy) is
+    // never written.
+    assert_eq!(
+        std::fs::read_to_string(state.join("fleet-config.toml")).unwrap(),
+        good_toml
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), toml);
+    assert!(!dir.path().join("outpost.toml.prev").exists());
     // The reload is asynchronous (SIGHUP): ask until it shows, for 5 s.
     let mut interval = serde_json::Value::Null;
     for _ in 0..10 {
