@@ -1,7 +1,15 @@
 //! Reconnect backoff: full jitter between `reconnect_min` and a cap that
 //! doubles with every failure up to `reconnect_max`, so a fleet that lost
-//! its broker at the same moment does not come back in lockstep. Reset on
-//! a ConnAck.
+//! its broker at the same moment does not come back in lockstep. Reset
+//! once a connection has proved itself: the uplink resets it when the
+//! broker answers something after its CONNACK, not on the CONNACK alone,
+//! so a broker that accepts every connection and then stalls or drops it
+//! is retried ever more slowly.
+//!
+//! Every delay is at least `min`, whatever the jitter: in a window `w`
+//! there are at most `w / min + 1` attempts ([`Backoff::most_attempts`]).
+//! A broker that refuses the node's password sees that many at most, and
+//! in practice far fewer as the cap doubles.
 
 use std::time::Duration;
 
@@ -22,7 +30,8 @@ impl Backoff {
         }
     }
 
-    /// After a ConnAck: the next failure waits about `min` again.
+    /// After a healthy connection: the next failure waits about `min`
+    /// again.
     pub fn reset(&mut self) {
         self.failures = 0;
     }
@@ -44,6 +53,16 @@ impl Backoff {
         self.failures = self.failures.saturating_add(1);
         let span = cap.saturating_sub(self.min).as_secs_f64();
         self.min + Duration::from_secs_f64(span * unit.clamp(0.0, 1.0))
+    }
+
+    /// The most attempts a window of `window` can hold whatever the
+    /// jitter: one at its start and one per `min` after it (attempts
+    /// themselves take time, so real counts are lower).
+    pub fn most_attempts(&self, window: Duration) -> u64 {
+        if self.min.is_zero() {
+            return u64::MAX;
+        }
+        (window.as_nanos() / self.min.as_nanos()) as u64 + 1
     }
 
     /// [`Backoff::next_with`] with OS randomness.
@@ -83,6 +102,31 @@ mod tests {
         b.reset();
         assert_eq!(b.cap(), MIN);
         assert_eq!(b.next_with(0.99), MIN, "first delay after a reset is min");
+    }
+
+    #[test]
+    fn most_attempts_bounds_any_sequence_of_delays() {
+        let b = Backoff::new(MIN, MAX);
+        assert_eq!(b.most_attempts(Duration::from_secs(20)), 21);
+        assert_eq!(b.most_attempts(Duration::from_millis(999)), 1);
+        // The tightest sequence the jitter can draw (every delay `min`)
+        // fits exactly that many attempts in the window.
+        let mut b = Backoff::new(MIN, MAX);
+        let window = Duration::from_secs(20);
+        let mut t = Duration::ZERO;
+        let mut attempts = 1;
+        loop {
+            t += b.next_with(0.0);
+            if t > window {
+                break;
+            }
+            attempts += 1;
+        }
+        assert_eq!(attempts, b.most_attempts(window));
+        assert_eq!(
+            Backoff::new(Duration::ZERO, MAX).most_attempts(window),
+            u64::MAX
+        );
     }
 
     #[test]

@@ -15,25 +15,39 @@
 //! event-loop task closes it and clears rumqttc's queue under the lock, so
 //! no publish from before a disconnect is left to be sent after it.
 //!
+//! The event-loop task also keeps the uplink's state ([`UplinkState`]:
+//! connecting, connected, or down with a kind and a reason such as
+//! "stalled: no CONNACK within 5s") in a watch channel and in the log: one
+//! line when the state changes, a reminder while it stays down. The backoff
+//! is reset only once a connection has proved itself (the broker answered
+//! something after its CONNACK), so a broker that accepts and then stalls,
+//! or refuses every login, is retried ever more slowly, not at
+//! `reconnect_min` forever. The password file is read again before every
+//! reconnect: an operator who rotates it needs no restart.
+//!
 //! The uplink also writes the node's own messages: the state (retained) on
 //! connect and when it changes, a summary every `summary_interval`, replies
 //! to commands. Detection and remediation never wait on any of it: they
 //! write to the store, which wakes the publisher.
 
 use std::collections::{HashMap, VecDeque};
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, LastWill, MqttOptions, Outgoing,
+    Packet, QoS, StateError, Transport,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
 use super::command::{CommandReply, Scope};
 use super::message::{Kind, Message, StateBody, SummaryBody, Topics};
-use crate::config::MqttConfig;
+use crate::config::{MqttConfig, Secret};
 use crate::store::outbox::OutboxConfig;
 use crate::store::{Store, StoreError};
 
@@ -49,6 +63,246 @@ const STATE_CHECK_EVERY: Duration = Duration::from_secs(5);
 const MAX_CONCURRENT_COMMANDS: usize = 4;
 /// Shutdown: how long the offline state may take to be acknowledged.
 const SHUTDOWN_PUBLISH: Duration = Duration::from_millis(400);
+/// How long one connection attempt may take: TCP connect, TLS handshake,
+/// CONNECT and its CONNACK. A broker that accepts the connection and never
+/// answers is given up on after this.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// While the uplink stays down for the same reason, the log repeats it this
+/// often (each attempt is logged at debug).
+const DOWN_REMINDER: Duration = Duration::from_secs(60);
+
+/// Why the uplink is down, in a word an operator can grep for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownKind {
+    /// Nothing answers at the address (refused, no route, DNS).
+    Unreachable,
+    /// The broker took the connection and then stopped answering: no
+    /// CONNACK, no PINGRESP, or a write that never drains.
+    Stalled,
+    /// The broker refused the username or password (CONNACK 4 or 5).
+    AuthRefused,
+    /// The broker refused the connection for another reason (CONNACK 1-3).
+    Refused,
+    /// The broker sent bytes that are not MQTT, or a packet over the limit.
+    Protocol,
+    /// The broker closed or reset the connection.
+    Closed,
+    /// The TLS handshake failed.
+    Tls,
+}
+
+impl DownKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DownKind::Unreachable => "unreachable",
+            DownKind::Stalled => "stalled",
+            DownKind::AuthRefused => "auth refused",
+            DownKind::Refused => "refused",
+            DownKind::Protocol => "protocol error",
+            DownKind::Closed => "closed",
+            DownKind::Tls => "tls error",
+        }
+    }
+}
+
+impl fmt::Display for DownKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The uplink's connection as the node sees it ([`Uplink::state`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UplinkState {
+    /// The first attempt is under way.
+    Connecting,
+    /// The broker sent its CONNACK.
+    Connected,
+    /// The last attempt failed or the connection was lost; the next attempt
+    /// is `retry_in` after the failure.
+    Down {
+        kind: DownKind,
+        reason: String,
+        /// Failures since the connection was last healthy.
+        failures: u32,
+        retry_in: Duration,
+    },
+}
+
+impl fmt::Display for UplinkState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UplinkState::Connecting => f.write_str("connecting"),
+            UplinkState::Connected => f.write_str("connected"),
+            UplinkState::Down { kind, reason, .. } => write!(f, "{kind}: {reason}"),
+        }
+    }
+}
+
+/// What a connection error means for the operator: its kind and a reason
+/// that names the limit it hit. `keepalive` is the configured one.
+pub fn classify(e: &ConnectionError, keepalive: Duration) -> (DownKind, String) {
+    match e {
+        ConnectionError::NetworkTimeout => (
+            DownKind::Stalled,
+            format!(
+                "no CONNACK within {}s of connecting",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        ),
+        ConnectionError::FlushTimeout => (
+            DownKind::Stalled,
+            format!(
+                "a write to the broker did not drain within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        ),
+        ConnectionError::ConnectionRefused(code) => match code {
+            ConnectReturnCode::BadUserNamePassword => (
+                DownKind::AuthRefused,
+                "bad username or password (CONNACK 4); check mqtt.username and mqtt.password_file"
+                    .to_string(),
+            ),
+            ConnectReturnCode::NotAuthorized => (
+                DownKind::AuthRefused,
+                "not authorized (CONNACK 5); check mqtt.username and mqtt.password_file"
+                    .to_string(),
+            ),
+            other => (
+                DownKind::Refused,
+                format!("the broker refused the connection ({other:?})"),
+            ),
+        },
+        ConnectionError::NotConnAck(p) => (
+            DownKind::Protocol,
+            format!("expected a CONNACK, got a {}", packet_name(p)),
+        ),
+        ConnectionError::MqttState(s) => classify_state(s, keepalive),
+        ConnectionError::Io(io) => classify_io(io),
+        ConnectionError::Tls(t) => (DownKind::Tls, t.to_string()),
+        ConnectionError::RequestsDone => (DownKind::Closed, "the uplink is stopping".to_string()),
+    }
+}
+
+fn classify_state(s: &StateError, keepalive: Duration) -> (DownKind, String) {
+    use rumqttc::mqttbytes::Error as Bytes;
+    match s {
+        StateError::AwaitPingResp => (
+            DownKind::Stalled,
+            format!(
+                "no PINGRESP within one keepalive ({}s)",
+                keepalive.as_secs()
+            ),
+        ),
+        StateError::ConnectionAborted => (
+            DownKind::Closed,
+            "the broker closed the connection".to_string(),
+        ),
+        StateError::Io(io) | StateError::Deserialization(Bytes::Io(io)) => classify_io(io),
+        StateError::Deserialization(Bytes::PayloadSizeLimitExceeded(n)) => (
+            DownKind::Protocol,
+            format!("the broker announced a packet of {n} bytes, over mqtt.max_packet_kb"),
+        ),
+        StateError::Deserialization(d) => (
+            DownKind::Protocol,
+            format!("malformed packet from the broker: {d}"),
+        ),
+        other => (
+            DownKind::Protocol,
+            format!("unexpected packet from the broker: {other}"),
+        ),
+    }
+}
+
+fn classify_io(io: &std::io::Error) -> (DownKind, String) {
+    use std::io::ErrorKind as K;
+    match io.kind() {
+        K::ConnectionRefused => (DownKind::Unreachable, "connection refused".to_string()),
+        K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => (
+            DownKind::Closed,
+            format!("the broker dropped the connection ({io})"),
+        ),
+        _ => (DownKind::Unreachable, io.to_string()),
+    }
+}
+
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect => "DISCONNECT",
+    }
+}
+
+/// The broker password as `mqtt.password_file` holds it now. Read again
+/// before every reconnect, so a rotated password is used without a
+/// restart; while the file cannot be read, the last good password stays.
+pub struct PasswordFile {
+    username: String,
+    mqtt: MqttConfig,
+    current: Option<Secret>,
+    unreadable: bool,
+}
+
+impl PasswordFile {
+    /// `None` without `mqtt.username` and `mqtt.password_file`.
+    pub fn new(m: &MqttConfig) -> Option<PasswordFile> {
+        let username = m.username.clone()?;
+        m.password_file.as_ref()?;
+        Some(PasswordFile {
+            username,
+            mqtt: m.clone(),
+            current: m.password().ok().flatten(),
+            unreadable: false,
+        })
+    }
+
+    /// Reads the file; `Some((username, password))` when the password
+    /// changed since the last read.
+    pub fn refresh(&mut self) -> Option<(String, Secret)> {
+        let path = self.mqtt.password_file.clone().unwrap_or_default();
+        match self.mqtt.password() {
+            Ok(Some(pw)) => {
+                if self.unreadable {
+                    tracing::info!(path = %path.display(), "mqtt.password_file is readable again");
+                    self.unreadable = false;
+                }
+                if self.current.as_ref() == Some(&pw) {
+                    return None;
+                }
+                tracing::info!(
+                    path = %path.display(),
+                    "mqtt.password_file changed; the next connection uses the new password"
+                );
+                self.current = Some(pw.clone());
+                Some((self.username.clone(), pw))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                if !self.unreadable {
+                    tracing::warn!(
+                        path = %path.display(),
+                        error = %e,
+                        "cannot read mqtt.password_file; reconnecting with the last password read"
+                    );
+                    self.unreadable = true;
+                }
+                None
+            }
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -169,6 +423,8 @@ pub struct Uplink {
     options: MqttOptions,
     connected_tx: watch::Sender<bool>,
     connected_rx: watch::Receiver<bool>,
+    state_tx: watch::Sender<UplinkState>,
+    state_rx: watch::Receiver<UplinkState>,
 }
 
 impl Uplink {
@@ -182,18 +438,26 @@ impl Uplink {
             node.mqtt.outbox_max_rows,
         )));
         let (connected_tx, connected_rx) = watch::channel(false);
+        let (state_tx, state_rx) = watch::channel(UplinkState::Connecting);
         Ok(Uplink {
             node,
             store,
             options,
             connected_tx,
             connected_rx,
+            state_tx,
+            state_rx,
         })
     }
 
     /// Whether the broker connection is up (for `config.apply`, status).
     pub fn connected(&self) -> watch::Receiver<bool> {
         self.connected_rx.clone()
+    }
+
+    /// The connection's state and, when down, why (for status).
+    pub fn state(&self) -> watch::Receiver<UplinkState> {
+        self.state_rx.clone()
     }
 
     /// Runs until `shutdown`; then publishes an offline state (briefly) and
@@ -209,9 +473,13 @@ impl Uplink {
             store,
             options,
             connected_tx,
+            state_tx,
             ..
         } = self;
-        let (client, eventloop) = AsyncClient::new(options, WINDOW + 8);
+        let (client, mut eventloop) = AsyncClient::new(options, WINDOW + 8);
+        eventloop
+            .network_options
+            .set_connection_timeout(CONNECT_TIMEOUT.as_secs());
         let gate = Arc::new(Mutex::new(false));
         let (ev_tx, ev_rx) = mpsc::channel(256);
         // Not a child of `shutdown`: the event loop must outlive the uplink
@@ -220,11 +488,16 @@ impl Uplink {
         let backoff = Backoff::new(node.mqtt.reconnect_min, node.mqtt.reconnect_max);
         let el = tokio::spawn(event_loop(
             eventloop,
-            backoff,
-            gate.clone(),
-            ev_tx,
-            loop_token.clone(),
-            node.node.clone(),
+            LoopCtx {
+                backoff,
+                gate: gate.clone(),
+                tx: ev_tx,
+                token: loop_token.clone(),
+                node: node.node.clone(),
+                keepalive: node.mqtt.keepalive,
+                password: PasswordFile::new(&node.mqtt),
+                state: state_tx,
+            },
         ));
         let mut task = Task {
             topics: node.topics(),
@@ -258,14 +531,29 @@ enum LoopEvent {
     Mqtt(Event),
 }
 
-async fn event_loop(
-    mut eventloop: rumqttc::EventLoop,
-    mut backoff: Backoff,
+/// What the event-loop task works with besides rumqttc's `EventLoop`.
+struct LoopCtx {
+    backoff: Backoff,
     gate: Arc<Mutex<bool>>,
     tx: mpsc::Sender<LoopEvent>,
     token: CancellationToken,
     node: String,
-) {
+    keepalive: Duration,
+    password: Option<PasswordFile>,
+    state: watch::Sender<UplinkState>,
+}
+
+async fn event_loop(mut eventloop: rumqttc::EventLoop, ctx: LoopCtx) {
+    let LoopCtx {
+        mut backoff,
+        gate,
+        tx,
+        token,
+        node,
+        keepalive,
+        mut password,
+        state,
+    } = ctx;
     let close_gate = |eventloop: &mut rumqttc::EventLoop| {
         let mut g = gate.lock().unwrap_or_else(|p| p.into_inner());
         *g = false;
@@ -274,8 +562,13 @@ async fn event_loop(
         eventloop.clean();
         eventloop.pending.clear();
     };
-    let mut last_error: Option<String> = None;
+    // The last (kind, reason) logged, and when.
+    let mut last_logged: Option<(DownKind, String, Instant)> = None;
     let mut lost_at: Option<Instant> = None;
+    // CONNACK came, nothing else yet: the backoff is reset only once the
+    // broker answers something more, so one that accepts and then stalls
+    // or drops every connection is retried ever more slowly.
+    let mut unproven = false;
     loop {
         let polled = tokio::select! {
             _ = token.cancelled() => return,
@@ -283,37 +576,58 @@ async fn event_loop(
         };
         let out = match polled {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff.reset();
+                unproven = true;
                 *gate.lock().unwrap_or_else(|p| p.into_inner()) = true;
                 tracing::info!(
                     node = %node,
                     session_present = ack.session_present,
                     down_ms = lost_at.take().map(|t| t.elapsed().as_millis() as u64),
+                    state = "connected",
                     "mqtt connected"
                 );
-                last_error = None;
+                last_logged = None;
+                let _ = state.send(UplinkState::Connected);
                 LoopEvent::Connected {
                     session_present: ack.session_present,
                 }
             }
-            Ok(ev) => LoopEvent::Mqtt(ev),
+            Ok(ev) => {
+                if unproven && matches!(ev, Event::Incoming(_)) {
+                    unproven = false;
+                    backoff.reset();
+                }
+                LoopEvent::Mqtt(ev)
+            }
             Err(e) => {
                 close_gate(&mut eventloop);
-                let msg = e.to_string();
+                unproven = false;
+                let (kind, reason) = classify(&e, keepalive);
                 let delay = backoff.next_delay();
-                // One line per kind of failure, not one per attempt.
-                if last_error.as_deref() != Some(msg.as_str()) {
+                // One line per kind of failure and a reminder while it
+                // lasts, not one per attempt.
+                let repeat = last_logged.as_ref().is_some_and(|(k, r, at)| {
+                    *k == kind && *r == reason && at.elapsed() < DOWN_REMINDER
+                });
+                if repeat {
+                    tracing::debug!(node = %node, state = %kind, reason = %reason, error = %e, retry_in_ms = delay.as_millis() as u64, failures = backoff.failures(), "mqtt retry");
+                } else {
                     tracing::warn!(
                         node = %node,
-                        error = %msg,
+                        state = %kind,
+                        reason = %reason,
+                        error = %e,
                         retry_in_ms = delay.as_millis() as u64,
                         failures = backoff.failures(),
-                        "mqtt connection lost or refused; retrying with backoff"
+                        "mqtt uplink down ({kind}: {reason}); retrying with backoff"
                     );
-                    last_error = Some(msg.clone());
-                } else {
-                    tracing::debug!(node = %node, error = %msg, retry_in_ms = delay.as_millis() as u64, "mqtt retry");
+                    last_logged = Some((kind, reason.clone(), Instant::now()));
                 }
+                let _ = state.send(UplinkState::Down {
+                    kind,
+                    reason,
+                    failures: backoff.failures(),
+                    retry_in: delay,
+                });
                 lost_at.get_or_insert_with(Instant::now);
                 if tx.send(LoopEvent::Lost).await.is_err() {
                     return;
@@ -325,6 +639,11 @@ async fn event_loop(
                 // Anything published between the error and now is dropped
                 // too; the uplink task republishes after the ConnAck.
                 close_gate(&mut eventloop);
+                if let Some((user, pw)) = password.as_mut().and_then(PasswordFile::refresh) {
+                    eventloop
+                        .mqtt_options
+                        .set_credentials(user, pw.expose().to_string());
+                }
                 continue;
             }
         };

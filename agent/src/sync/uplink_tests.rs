@@ -25,6 +25,12 @@ struct Broker {
 
 impl Broker {
     fn start(port: Option<u16>) -> Broker {
+        Broker::start_with(port, None)
+    }
+
+    /// With `user`: anonymous clients refused, that one user and password
+    /// allowed (a `mosquitto_passwd` file).
+    fn start_with(port: Option<u16>, user: Option<(&str, &str)>) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = port.unwrap_or_else(|| {
             std::net::TcpListener::bind("127.0.0.1:0")
@@ -33,9 +39,26 @@ impl Broker {
                 .expect("free port")
         });
         let conf = dir.path().join("mosquitto.conf");
+        let auth = match user {
+            None => "allow_anonymous true\n".to_string(),
+            Some((name, password)) => {
+                let passwd = dir.path().join("passwd");
+                let ok = Command::new("mosquitto_passwd")
+                    .args(["-b", "-c"])
+                    .arg(&passwd)
+                    .args([name, password])
+                    .status()
+                    .expect("mosquitto_passwd must be installed (apt install mosquitto)");
+                assert!(ok.success(), "mosquitto_passwd failed");
+                format!(
+                    "allow_anonymous false\npassword_file {}\n",
+                    passwd.display()
+                )
+            }
+        };
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!("user root\nlistener {port} 127.0.0.1\n{auth}persistence false\n"),
         )
         .expect("conf");
         let child = Command::new("mosquitto")
@@ -313,5 +336,267 @@ async fn commands_reach_the_handler_and_replies_come_back_with_state_first() {
             _ => panic!("no offline state after shutdown"),
         }
     }
+    store.close().await.expect("close");
+}
+
+// ---- misbehaving brokers ------------------------------------------------
+
+#[test]
+fn connection_errors_are_classified_with_the_limit_they_hit() {
+    use super::uplink::{classify, DownKind, CONNECT_TIMEOUT};
+    use rumqttc::mqttbytes::Error as Bytes;
+    use rumqttc::{ConnectReturnCode, ConnectionError as E, StateError};
+    let ka = Duration::from_secs(7);
+    let io = |k| std::io::Error::new(k, "x");
+    let cases: Vec<(E, DownKind, &str)> = vec![
+        (E::NetworkTimeout, DownKind::Stalled, "no CONNACK within 5s"),
+        (
+            E::MqttState(StateError::AwaitPingResp),
+            DownKind::Stalled,
+            "no PINGRESP within one keepalive (7s)",
+        ),
+        (E::FlushTimeout, DownKind::Stalled, "did not drain"),
+        (
+            E::ConnectionRefused(ConnectReturnCode::BadUserNamePassword),
+            DownKind::AuthRefused,
+            "bad username or password",
+        ),
+        (
+            E::ConnectionRefused(ConnectReturnCode::NotAuthorized),
+            DownKind::AuthRefused,
+            "not authorized",
+        ),
+        (
+            E::ConnectionRefused(ConnectReturnCode::BadClientId),
+            DownKind::Refused,
+            "BadClientId",
+        ),
+        (
+            E::MqttState(StateError::Deserialization(
+                Bytes::PayloadSizeLimitExceeded(268_435_455),
+            )),
+            DownKind::Protocol,
+            "268435455 bytes, over mqtt.max_packet_kb",
+        ),
+        (
+            E::MqttState(StateError::Deserialization(Bytes::InvalidPacketType(0))),
+            DownKind::Protocol,
+            "malformed packet from the broker: Invalid packet type: 0",
+        ),
+        (
+            E::MqttState(StateError::Deserialization(Bytes::MalformedRemainingLength)),
+            DownKind::Protocol,
+            "Malformed remaining length",
+        ),
+        (
+            E::NotConnAck(rumqttc::Packet::PingResp),
+            DownKind::Protocol,
+            "expected a CONNACK, got a PINGRESP",
+        ),
+        (
+            E::MqttState(StateError::ConnectionAborted),
+            DownKind::Closed,
+            "closed the connection",
+        ),
+        (
+            E::MqttState(StateError::Deserialization(Bytes::Io(io(
+                std::io::ErrorKind::ConnectionReset,
+            )))),
+            DownKind::Closed,
+            "dropped the connection",
+        ),
+        (
+            E::Io(io(std::io::ErrorKind::ConnectionRefused)),
+            DownKind::Unreachable,
+            "connection refused",
+        ),
+    ];
+    for (e, kind, words) in cases {
+        let (k, reason) = classify(&e, ka);
+        assert_eq!(k, kind, "{e:?}: {reason}");
+        assert!(reason.contains(words), "{e:?}: {reason:?} lacks {words:?}");
+    }
+    assert_eq!(
+        CONNECT_TIMEOUT,
+        Duration::from_secs(5),
+        "the reason above names it"
+    );
+}
+
+#[test]
+fn the_password_file_is_read_again_and_a_change_reported_once() {
+    use super::uplink::PasswordFile;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = dir.path().join("pw");
+    std::fs::write(&f, "old\n").expect("write");
+    let mut m = MqttConfig::plain("b", 1, "n");
+    assert!(
+        PasswordFile::new(&m).is_none(),
+        "no username: nothing to read"
+    );
+    m.username = Some("u".into());
+    m.password_file = Some(f.clone());
+    let mut p = PasswordFile::new(&m).expect("configured");
+    assert!(p.refresh().is_none(), "unchanged");
+    std::fs::write(&f, "new\n").expect("write");
+    let (user, pw) = p.refresh().expect("changed");
+    assert_eq!((user.as_str(), pw.expose()), ("u", "new"));
+    assert!(p.refresh().is_none(), "reported once");
+    std::fs::remove_file(&f).expect("rm");
+    assert!(p.refresh().is_none(), "unreadable: the last password stays");
+    std::fs::write(&f, "new\n").expect("write");
+    assert!(p.refresh().is_none(), "back, and the same as the last one");
+}
+
+/// A loopback listener that runs `serve` on each connection (on its own
+/// task) and counts them.
+async fn fake_broker<F, Fut>(serve: F) -> (u16, Arc<std::sync::atomic::AtomicUsize>)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = count.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(serve(s));
+        }
+    });
+    (port, count)
+}
+
+/// Waits until the uplink's state satisfies `pred`; returns it.
+async fn state_where(
+    rx: &mut tokio::sync::watch::Receiver<super::uplink::UplinkState>,
+    what: &str,
+    pred: impl Fn(&super::uplink::UplinkState) -> bool,
+) -> super::uplink::UplinkState {
+    let found = match tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|s| pred(s))).await
+    {
+        Ok(Ok(s)) => Some(s.clone()),
+        _ => None,
+    };
+    found.unwrap_or_else(|| panic!("no {what} state within 20 s; last: {}", *rx.borrow()))
+}
+
+#[tokio::test]
+async fn a_broker_that_never_sends_connack_is_reported_stalled_and_retried() {
+    use super::uplink::{DownKind, UplinkState};
+    use tokio::io::AsyncReadExt;
+    let (port, count) = fake_broker(|mut s| async move {
+        // Read the CONNECT and whatever follows; never answer.
+        let mut buf = [0u8; 1024];
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store(dir.path());
+    let up = Uplink::new(node(port, "stall-1"), store.clone()).expect("uplink");
+    let mut state = up.state();
+    assert_eq!(*state.borrow(), UplinkState::Connecting);
+    let token = CancellationToken::new();
+    let task = tokio::spawn(up.run(Arc::new(FixedView), None, token.clone()));
+    let s = state_where(&mut state, "stalled", |s| {
+        matches!(
+            s,
+            UplinkState::Down {
+                kind: DownKind::Stalled,
+                ..
+            }
+        )
+    })
+    .await;
+    assert_eq!(s.to_string(), "stalled: no CONNACK within 5s of connecting");
+    // And it tries again.
+    state_where(
+        &mut state,
+        "second failure",
+        |s| matches!(s, UplinkState::Down { failures, .. } if *failures >= 2),
+    )
+    .await;
+    assert!(count.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    token.cancel();
+    task.await.expect("join");
+    store.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn garbage_and_closed_connections_after_connack_do_not_reset_the_backoff() {
+    use super::uplink::{DownKind, UplinkState};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A valid CONNACK, then a packet of reserved type 0.
+    let (port, count) = fake_broker(|mut s| async move {
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        let _ = s.write_all(&[0x20, 0x02, 0x00, 0x00, 0x00, 0x00]).await;
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store(dir.path());
+    let mut n = node(port, "garbage-1");
+    n.mqtt.reconnect_min = Duration::from_millis(20);
+    n.mqtt.reconnect_max = Duration::from_millis(200);
+    let up = Uplink::new(n, store.clone()).expect("uplink");
+    let mut state = up.state();
+    let token = CancellationToken::new();
+    let task = tokio::spawn(up.run(Arc::new(FixedView), None, token.clone()));
+    let s = state_where(&mut state, "fourth protocol failure", |s| {
+        matches!(s, UplinkState::Down { kind: DownKind::Protocol, failures, .. } if *failures >= 4)
+    })
+    .await;
+    assert!(
+        s.to_string()
+            .starts_with("protocol error: malformed packet from the broker"),
+        "{s}"
+    );
+    // Each of those connections got its CONNACK: a backoff reset on CONNACK
+    // would show one failure each time, not a growing count.
+    assert!(count.load(std::sync::atomic::Ordering::SeqCst) >= 4);
+    token.cancel();
+    task.await.expect("join");
+    store.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn a_refused_password_is_reported_and_a_fixed_password_file_is_used_without_a_restart() {
+    use super::uplink::{DownKind, UplinkState};
+    let broker = Broker::start_with(None, Some(("node-pw", "right-pw")));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pw = dir.path().join("password");
+    std::fs::write(&pw, "wrong-pw\n").expect("write");
+    let store = store(dir.path());
+    let mut n = node(broker.port, "node-pw");
+    n.mqtt.username = Some("node-pw".into());
+    n.mqtt.password_file = Some(pw.clone());
+    let up = Uplink::new(n, store.clone()).expect("uplink");
+    let mut state = up.state();
+    let token = CancellationToken::new();
+    let task = tokio::spawn(up.run(Arc::new(FixedView), None, token.clone()));
+    let s = state_where(&mut state, "auth refused", |s| {
+        matches!(
+            s,
+            UplinkState::Down {
+                kind: DownKind::AuthRefused,
+                ..
+            }
+        )
+    })
+    .await;
+    assert!(s.to_string().starts_with("auth refused: "), "{s}");
+    event(&store, 1).await;
+    // The operator fixes the file (write and rename, as tools do).
+    let tmp = dir.path().join("password.new");
+    std::fs::write(&tmp, "right-pw\n").expect("write");
+    std::fs::rename(&tmp, &pw).expect("rename");
+    state_where(&mut state, "connected", |s| *s == UplinkState::Connected).await;
+    outbox_empties(&store).await;
+    token.cancel();
+    task.await.expect("join");
     store.close().await.expect("close");
 }
