@@ -895,6 +895,176 @@ fn restart_keeps_budgets_even_with_the_wall_clock_behind() {
     assert_eq!(h.count("act"), 4);
 }
 
+/// Steps one second at a time (at most `max`) until the engine acts;
+/// returns the monotonic time of the act.
+fn step_until_act(h: &mut Harness, s: &Sample, max: usize) -> u64 {
+    for _ in 0..max {
+        if h.step(SEC, s).iter().any(|d| d.outcome == Outcome::Act) {
+            return h.mono;
+        }
+    }
+    panic!("no act within {max} s: {:?}", labels(&h.log));
+}
+
+/// A rule whose action never fixes anything: its check fails after a
+/// second, and it acts again once its cooldown (5 s) is over.
+fn stubborn() -> Rule {
+    let mut r = web_hung();
+    r.persist = Persist::Samples(1);
+    r.cooldown = Duration::from_secs(5);
+    r.max_per_hour = 10;
+    r.verify.within = Duration::from_secs(1);
+    r
+}
+
+#[test]
+fn cooldown_runs_on_real_time_whichever_way_the_wall_clock_jumps() {
+    let mut h = Harness::new(vec![stubborn()]);
+    let fault = probe(false);
+    let first = step_until_act(&mut h, &fault, 1);
+    // Three hours back right after the action: on the wall the action is
+    // in the future, yet the next one still comes one cooldown later.
+    h.wall -= 3 * HOUR_MS;
+    let second = step_until_act(&mut h, &fault, 20);
+    assert_eq!(second - first, 5 * SEC, "{:?}", labels(&h.log));
+    // Six hours forward: on the wall the cooldown is long over, but it
+    // still has 5 s to run.
+    h.wall += 6 * HOUR_MS;
+    let d = h.step(SEC, &fault);
+    assert!(
+        !d.iter().any(|d| d.outcome == Outcome::Act),
+        "acted one second into a 5 s cooldown: {:?}",
+        labels(&d)
+    );
+    let third = step_until_act(&mut h, &fault, 20);
+    assert_eq!(third - second, 5 * SEC, "{:?}", labels(&h.log));
+    // Each suppression says so, in real time.
+    let why: Vec<&str> = h
+        .log
+        .iter()
+        .filter(|d| d.outcome.label() == "suppressed:cooldown")
+        .map(|d| d.reason.as_str())
+        .collect();
+    assert_eq!(why.len(), 2, "{why:?}");
+    for r in &why {
+        let ago = r
+            .strip_prefix("cooldown: the last action was ")
+            .and_then(|r| r.split_once(" ago, the cooldown is 5s"))
+            .map(|(ago, _)| ago);
+        assert_eq!(ago, Some("1s"), "{r}");
+    }
+    // Decisions carry the wall clock as it was, and a guard clock that
+    // never goes back.
+    let acts: Vec<&Decision> = h.log.iter().filter(|d| d.outcome == Outcome::Act).collect();
+    assert_eq!(acts[1].ts_ms - acts[0].ts_ms, 5_000 - 3 * HOUR_MS);
+    assert_eq!(acts[2].ts_ms - acts[1].ts_ms, 5_000 + 6 * HOUR_MS);
+    assert_eq!(acts[2].clock_ms - acts[0].clock_ms, 10_000);
+    assert!(h.log.windows(2).all(|w| w[0].clock_ms <= w[1].clock_ms));
+}
+
+#[test]
+fn an_escalated_rule_waits_a_real_hour_not_a_wall_clock_hour() {
+    let mut r = stubborn();
+    r.max_per_hour = 2;
+    let mut h = Harness::new(vec![r]);
+    let fault = probe(false);
+    h.run(20, &fault);
+    assert_eq!(h.count("act"), 2);
+    assert_eq!(h.count("escalate:notify"), 1);
+    // Two hours forward: on the wall the escalation and both actions are
+    // over an hour old; on real time they are seconds old.
+    h.wall += 2 * HOUR_MS;
+    h.run(60, &fault);
+    // And a day back: actions in the wall clock's future still count.
+    h.wall -= 24 * HOUR_MS;
+    h.run(60, &fault);
+    assert_eq!(h.count("act"), 2, "{:?}", labels(&h.log));
+    assert_eq!(h.count("escalate:notify"), 1);
+    // It is back a real hour after the escalation, not before.
+    let escalated = h
+        .log
+        .iter()
+        .find(|d| matches!(d.outcome, Outcome::Escalate { .. }))
+        .expect("escalated")
+        .clock_ms;
+    while h.state.clock_ms() + 60_000 < escalated + HOUR_MS {
+        h.step(60 * SEC, &fault);
+    }
+    assert_eq!(h.count("act"), 2, "{:?}", labels(&h.log));
+    h.step(60 * SEC, &fault);
+    assert_eq!(h.count("act"), 3, "{:?}", labels(&h.log));
+}
+
+#[test]
+fn approval_expiry_runs_on_real_time_whichever_way_the_wall_clock_jumps() {
+    let mut h = Harness::new(vec![approve_rule()]);
+    h.guard.approval_timeout = Duration::from_secs(10);
+    let fault = probe(false);
+    let d = h.step(SEC, &fault);
+    assert_eq!(labels(&d), ["await_approval"]);
+    let asked = h.mono;
+    // For people the request shows the wall-clock expiry of the moment.
+    let p = h.state.pending_approvals()[0].clone();
+    assert_eq!(p.expires_ms, p.created_ms + 10_000);
+    // Three hours forward: not expired.
+    h.wall += 3 * HOUR_MS;
+    assert!(!labels(&h.step(SEC, &fault)).contains(&"approval_expired".to_string()));
+    // Six hours back: it still expires 10 s (real) after it was made.
+    h.wall -= 6 * HOUR_MS;
+    let mut expired = None;
+    for _ in 0..30 {
+        if labels(&h.step(SEC, &fault)).contains(&"approval_expired".to_string()) {
+            expired = Some(h.mono);
+            break;
+        }
+    }
+    assert_eq!(expired, Some(asked + 10 * SEC), "{:?}", labels(&h.log));
+    // An answer in time still acts after the jumps.
+    let mut h = Harness::new(vec![approve_rule()]);
+    let id = h.step(SEC, &fault)[0].id;
+    h.wall -= 3 * HOUR_MS;
+    let d = h.step_with(SEC, &fault, &[yes(id)]);
+    assert_eq!(labels(&d), ["act"]);
+}
+
+#[test]
+fn verification_deadline_runs_on_real_time_whichever_way_the_wall_clock_jumps() {
+    let mut h = Harness::new(vec![web_hung()]);
+    let fault = probe(false);
+    step_until_act(&mut h, &fault, 3);
+    let acted = h.mono;
+    // Forward: the 20 s check is not failed at once.
+    h.wall += 3 * HOUR_MS;
+    assert!(!labels(&h.step(SEC, &fault)).contains(&"verify_failed".to_string()));
+    // Back: it is not left waiting for hours either.
+    h.wall -= 6 * HOUR_MS;
+    let mut failed = None;
+    for _ in 0..30 {
+        if labels(&h.step(SEC, &fault)).contains(&"verify_failed".to_string()) {
+            failed = Some(h.mono);
+            break;
+        }
+    }
+    assert_eq!(failed, Some(acted + 20 * SEC), "{:?}", labels(&h.log));
+}
+
+#[test]
+fn for_duration_runs_on_real_time_whichever_way_the_wall_clock_jumps() {
+    let mut r = web_hung();
+    r.persist = Persist::Duration(Duration::from_secs(30));
+    let mut h = Harness::new(vec![r]);
+    let fault = probe(false);
+    h.step(SEC, &fault);
+    let since = h.mono;
+    // Forward: 30 s have not passed.
+    h.wall += 3 * HOUR_MS;
+    assert!(h.run(5, &fault).is_empty());
+    // Back: nor is the condition held for "minus three hours".
+    h.wall -= 6 * HOUR_MS;
+    let at = step_until_act(&mut h, &fault, 40);
+    assert_eq!(at - since, 30 * SEC);
+}
+
 #[test]
 fn decisions_and_state_serialize() {
     let mut h = Harness::new(vec![approve_rule(), web_hung()]);
