@@ -6,7 +6,11 @@
 //! once per sample. Health comes from inspect's `State.Health.Status`; the
 //! stats API is never called (it is slow). When no runtime answers, the
 //! targets report `not available`, one line is logged, and the connection
-//! is retried at most every [`RETRY_INTERVAL`].
+//! is retried after [`RETRY_FIRST`], then less and less often, at most every
+//! [`RETRY_INTERVAL`] (see [`Retry`]); a runtime that stops answering (its
+//! API service restarted) is looked for again the same way, and one line
+//! says when it is back. A container that is not there (removed) reports
+//! `not found`, logged once when it goes and once when it is back.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -15,12 +19,15 @@ use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, HealthStatusEnum};
 use bollard::Docker;
 
-use super::{target_signal, Availability, Sample, SignalName, TargetStatus};
+use super::{target_signal, Availability, Retry, Sample, SignalName, TargetStatus};
 use crate::config::{Target, TargetKind};
 
 /// The budget for all API calls of one `collect`.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often a missing or broken runtime is looked for again.
+/// The first wait before looking again for a missing or broken runtime; it
+/// doubles with every failed attempt, up to [`RETRY_INTERVAL`].
+pub const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two looks for the runtime.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(30);
 
 const KIND: &str = "container";
@@ -47,6 +54,8 @@ struct ContainerTarget {
     sig_up: SignalName,
     sig_restarts: SignalName,
     sig_healthy: SignalName,
+    /// Whether the container was last seen `not found` (logged once).
+    missing: bool,
 }
 
 /// Reads container targets from docker or podman.
@@ -54,7 +63,7 @@ pub struct ContainerCollector {
     targets: Vec<ContainerTarget>,
     configured: Option<PathBuf>,
     client: Option<Client>,
-    last_attempt: Option<Instant>,
+    retry: Retry,
     availability: Availability,
     /// Why the runtime is not available, for the targets' `detail`.
     reason: String,
@@ -109,6 +118,7 @@ impl ContainerCollector {
                     sig_up: target_signal(&t.name, "up"),
                     sig_restarts: target_signal(&t.name, "restarts"),
                     sig_healthy: target_signal(&t.name, "healthy"),
+                    missing: false,
                 }),
                 _ => None,
             })
@@ -117,7 +127,7 @@ impl ContainerCollector {
             targets,
             configured: socket.map(Path::to_path_buf),
             client: None,
-            last_attempt: None,
+            retry: Retry::new(RETRY_FIRST, RETRY_INTERVAL),
             availability: Availability::default(),
             reason: "not connected yet".to_string(),
         }
@@ -148,11 +158,30 @@ impl ContainerCollector {
             return;
         };
         let mut lost: Option<String> = None;
-        for target in &self.targets {
+        for target in &mut self.targets {
             let outcome = match &lost {
                 Some(e) => Outcome::Unreachable(e.clone()),
                 None => inspect(&client.docker, &target.container, deadline).await,
             };
+            match &outcome {
+                Outcome::Found(_) if target.missing => {
+                    target.missing = false;
+                    tracing::info!(
+                        target_name = %target.name,
+                        container = %target.container,
+                        "container found again"
+                    );
+                }
+                Outcome::NotFound if !target.missing => {
+                    target.missing = true;
+                    tracing::warn!(
+                        target_name = %target.name,
+                        container = %target.container,
+                        "container not found; the target reports \"not found\" until it is back"
+                    );
+                }
+                _ => {}
+            }
             match outcome {
                 Outcome::Found(r) => {
                     sample.push(&target.sig_up, if r.up { 1.0 } else { 0.0 });
@@ -195,19 +224,16 @@ impl ContainerCollector {
                 );
             }
             self.reason = e;
-            // The next `collect` connects again, unless the last attempt
-            // was less than RETRY_INTERVAL ago.
+            // A later `collect` connects again when the back-off says so.
             self.client = None;
+            self.retry.lost(now);
         }
     }
 
     async fn try_connect(&mut self, now: Instant, deadline: tokio::time::Instant) {
-        if let Some(last) = self.last_attempt {
-            if now.saturating_duration_since(last) < RETRY_INTERVAL {
-                return;
-            }
+        if !self.retry.attempt(now) {
+            return;
         }
-        self.last_attempt = Some(now);
         match self.connect(deadline).await {
             Ok(client) => {
                 if self.availability.ok() {
@@ -215,13 +241,14 @@ impl ContainerCollector {
                 } else {
                     tracing::debug!(socket = %client.socket.display(), "connected to the container runtime");
                 }
+                self.retry.connected(now);
                 self.client = Some(client);
             }
             Err(e) => {
+                self.retry.failed();
                 if self.availability.fail() {
                     tracing::warn!(
                         error = %e,
-                        retry_s = RETRY_INTERVAL.as_secs(),
                         "container runtime not available; container targets report \"not available\""
                     );
                 }
@@ -603,9 +630,11 @@ mod tests {
         let mut c = ContainerCollector::new(&targets, Some(&socket));
         let now = Instant::now();
         let started = Instant::now();
-        for i in 0..3 {
+        let ms = Duration::from_millis;
+        // Attempts back off: at 0, 1 s later, 2 s after that.
+        for (at, attempted) in [(0, 0), (500, 0), (1000, 1000), (2000, 1000), (3000, 3000)] {
             let mut sample = Sample::new(0);
-            c.collect(now + Duration::from_secs(i), &mut sample).await;
+            c.collect(now + ms(at), &mut sample).await;
             assert_eq!(sample.targets.len(), 1);
             let t = &sample.targets[0];
             assert_eq!(t.name, "broker");
@@ -614,15 +643,23 @@ mod tests {
             assert!(!t.up);
             assert!(t.detail.as_deref().unwrap().contains("nothing.sock"));
             assert!(sample.values.is_empty());
+            assert_eq!(
+                c.retry.last_attempt(),
+                Some(now + ms(attempted)),
+                "at {at} ms"
+            );
         }
         assert!(started.elapsed() < Duration::from_secs(1));
         assert!(!c.connected());
         assert!(c.availability.is_down());
-        // Retried only after the interval.
-        assert_eq!(c.last_attempt, Some(now));
+        // Never more than RETRY_INTERVAL apart.
         let mut sample = Sample::new(0);
-        c.collect(now + RETRY_INTERVAL, &mut sample).await;
-        assert_eq!(c.last_attempt, Some(now + RETRY_INTERVAL));
+        c.collect(now + ms(3000) + RETRY_INTERVAL, &mut sample)
+            .await;
+        assert_eq!(
+            c.retry.last_attempt(),
+            Some(now + ms(3000) + RETRY_INTERVAL)
+        );
     }
 
     #[tokio::test]
@@ -651,6 +688,6 @@ mod tests {
         let mut sample = Sample::new(0);
         c.collect(Instant::now(), &mut sample).await;
         assert!(sample.targets.is_empty());
-        assert!(c.last_attempt.is_none());
+        assert!(c.retry.last_attempt().is_none());
     }
 }

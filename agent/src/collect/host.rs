@@ -1581,6 +1581,154 @@ full avg10=2.50 avg60=0.00 avg300=0.00 total=0
         assert!(c.pressure.avail.is_down());
     }
 
+    fn count(log: &str, needle: &str) -> usize {
+        log.lines().filter(|l| l.contains(needle)).count()
+    }
+
+    #[test]
+    fn vanished_sources_are_logged_once_and_the_rest_keeps_flowing() {
+        let f = Fixture::new();
+        f.pressure();
+        let mut c = f.collector();
+        let t0 = Instant::now();
+        let ((), log) = crate::collect::capture_logs(|| {
+            c.collect(t0, &mut Sample::new(0));
+            // /proc/net/dev and /proc/pressure go away for ten samples.
+            fs::remove_file(f.proc_root.join("net/dev")).unwrap();
+            fs::remove_dir_all(f.proc_root.join("pressure")).unwrap();
+            for i in 1..=10 {
+                let mut s = Sample::new(0);
+                c.collect(t0 + Duration::from_secs(i), &mut s);
+                assert_close(get(&s, "host.mem.used_pct"), 25.0);
+                assert_close(get(&s, "host.load.1m"), 0.04);
+                assert!(s.get("host.diskio.sda.read_bps").is_some());
+                assert!(
+                    !names(&s)
+                        .iter()
+                        .any(|n| n.starts_with("host.net.") || n.starts_with("host.psi.")),
+                    "{:?}",
+                    names(&s)
+                );
+            }
+            assert!(c.netdev.avail.is_down());
+            assert!(c.pressure.avail.is_down());
+            // Back: eth0 received 11 000 bytes in the 11 s since its last
+            // reading, and the rate says so.
+            f.proc("net/dev", &netdev(227_803_486 + 11_000, 776_982, 0, 5000));
+            f.pressure();
+            let mut s = Sample::new(0);
+            c.collect(t0 + Duration::from_secs(11), &mut s);
+            assert_close(get(&s, "host.net.eth0.rx_bps"), 1000.0);
+            assert_close(get(&s, "host.psi.cpu.some_avg10"), 1.5);
+        });
+        assert!(!c.netdev.avail.is_down());
+        assert!(!c.pressure.avail.is_down());
+        // Once when each went, once when each came back; a core source at
+        // WARN, an optional one at INFO.
+        for (source, level) in [("network", "WARN"), ("pressure", "INFO")] {
+            let lines = |message: &str| {
+                log.lines()
+                    .filter(|l| l.contains(message) && l.contains(&format!("source=\"{source}\"")))
+                    .collect::<Vec<_>>()
+            };
+            let gone = lines("host metric source not available");
+            assert_eq!(gone.len(), 1, "{source}:\n{log}");
+            assert!(gone[0].contains(level), "{source}:\n{log}");
+            assert_eq!(
+                lines("host metric source available again").len(),
+                1,
+                "{source}:\n{log}"
+            );
+        }
+    }
+
+    #[test]
+    fn files_cut_short_never_panic_and_recover() {
+        let f = Fixture::new();
+        f.pressure();
+        let whole: Vec<(&str, String)> = vec![
+            ("stat", STAT_1.to_string()),
+            ("meminfo", MEMINFO.to_string()),
+            ("loadavg", LOADAVG.to_string()),
+            ("diskstats", diskstats(5_751_090, 3_302_608, 10_000)),
+            ("net/dev", netdev(227_803_486, 776_982, 0, 5000)),
+            ("mounts", MOUNTS.to_string()),
+            ("pressure/cpu", PSI_CPU.to_string()),
+            ("pressure/memory", PSI_MEMORY.to_string()),
+            ("pressure/io", PSI_IO.to_string()),
+        ];
+        let mut c = f.collector();
+        let mut t = Instant::now();
+        c.collect(t, &mut Sample::new(0));
+        for (rel, text) in &whole {
+            // Every length, from empty to one byte short (all ASCII). Each
+            // step is past the mount refresh so /proc/mounts is re-read.
+            for cut in 0..text.len() {
+                f.proc(rel, &text[..cut]);
+                t += REFRESH_INTERVAL;
+                let mut s = Sample::new(0);
+                c.collect(t, &mut s);
+                assert_unique(&s);
+                for name in ["host.cpu.busy_pct", "host.mem.used_pct"] {
+                    if let Some(v) = s.get(name) {
+                        assert!((0.0..=100.0).contains(&v), "{rel} cut at {cut}: {name} {v}");
+                    }
+                }
+            }
+            f.proc(rel, text);
+        }
+        // Whole again: every source is back.
+        for _ in 0..2 {
+            t += REFRESH_INTERVAL;
+            c.collect(t, &mut Sample::new(0));
+        }
+        for (what, src) in [
+            ("stat", &c.stat),
+            ("meminfo", &c.meminfo),
+            ("loadavg", &c.loadavg),
+            ("diskstats", &c.diskstats),
+            ("net/dev", &c.netdev),
+            ("mounts", &c.mounts_src),
+            ("pressure", &c.pressure),
+        ] {
+            assert!(!src.avail.is_down(), "{what} still down");
+        }
+        assert_eq!(c.mounts.len(), 4);
+        let mut s = Sample::new(0);
+        f.proc("net/dev", &netdev(227_803_486 + 1000, 776_982, 0, 5000));
+        c.collect(t + Duration::from_secs(1), &mut s);
+        assert_close(get(&s, "host.net.eth0.rx_bps"), 1000.0);
+        assert_close(get(&s, "host.mem.used_pct"), 25.0);
+    }
+
+    #[test]
+    fn a_thermal_zone_vanishing_after_the_listing_is_skipped_quietly() {
+        let f = Fixture::new();
+        f.sys("class/thermal/thermal_zone0/temp", "48250\n");
+        f.sys("class/thermal/thermal_zone1/temp", "51000\n");
+        let mut c = f.collector();
+        let t0 = Instant::now();
+        let ((), log) = crate::collect::capture_logs(|| {
+            let mut s = Sample::new(0);
+            c.collect(t0, &mut s);
+            assert_close(get(&s, "host.thermal.zone1.temp_c"), 51.0);
+            // Unplugged (a USB sensor, a hot-removed device): listed at the
+            // last refresh, gone when read.
+            fs::remove_dir_all(f.sys_root.join("class/thermal/thermal_zone1")).unwrap();
+            for i in 1..=5 {
+                let mut s = Sample::new(0);
+                c.collect(t0 + Duration::from_secs(i), &mut s);
+                assert_close(get(&s, "host.thermal.zone0.temp_c"), 48.25);
+                assert_eq!(s.get("host.thermal.zone1.temp_c"), None);
+            }
+            // The next listing drops it.
+            c.collect(t0 + REFRESH_INTERVAL, &mut Sample::new(0));
+            assert_eq!(c.zones.len(), 1);
+        });
+        assert!(!c.thermal.avail.is_down());
+        assert_eq!(count(&log, "thermal"), 0, "{log}");
+    }
+
     /// Against this machine's own /proc and /sys.
     #[test]
     fn real_proc_and_sys() {

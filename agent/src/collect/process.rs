@@ -146,6 +146,9 @@ impl PidReader {
     /// A full reading of a live process; `None` when it is gone or a zombie.
     fn read(&mut self, pid: u32) -> Option<PidSample> {
         self.read_into(pid, "stat").ok()?;
+        if !stat_head_is_whole(&self.buf) {
+            return None;
+        }
         let stat = Stat::from_read(&self.buf[..]).ok()?;
         if matches!(stat.state, 'Z' | 'X') {
             return None;
@@ -224,6 +227,29 @@ fn parse_brief(stat: &[u8]) -> Option<Brief<'_>> {
         zombie: matches!(state, "Z" | "X"),
         starttime,
     })
+}
+
+/// Whether `/proc/PID/stat` starts `PID (comm) ` the way procfs-core's
+/// `Stat` parser assumes without checking: it slices around the parentheses
+/// and panics (an abort, in a release build) on a line cut right after the
+/// comm or one that does not start with a PID. The kernel never writes such
+/// a line; a fixture root, or a file system pretending to be procfs, might.
+fn stat_head_is_whole(stat: &[u8]) -> bool {
+    // The same view of the bytes that the parser slices.
+    let line = String::from_utf8_lossy(stat);
+    let line = line.trim().as_bytes();
+    let (Some(open), Some(close)) = (
+        line.iter().position(|b| *b == b'('),
+        line.iter().rposition(|b| *b == b')'),
+    ) else {
+        return false;
+    };
+    open >= 2
+        && line[..open - 1].iter().all(u8::is_ascii_digit)
+        && line[open - 1] == b' '
+        && close > open
+        && line.get(close + 1) == Some(&b' ')
+        && line.len() > close + 2
 }
 
 fn format_u32(mut n: u32, buf: &mut [u8; 10]) -> &str {
@@ -1096,6 +1122,81 @@ mod tests {
         let mut d = [0u8; 10];
         assert_eq!(format_u32(0, &mut d), "0");
         assert_eq!(format_u32(u32::MAX, &mut d), "4294967295");
+    }
+
+    #[test]
+    fn a_process_exiting_between_reads_is_skipped_quietly() {
+        let p = fixture();
+        let mut c = ProcessCollector::new(&p.root, &targets());
+        let t0 = Instant::now();
+        let ((), log) = crate::collect::capture_logs(|| {
+            c.collect(t0, &mut Sample::new(0));
+            // PID 101 exited after its stat was read and before its statm;
+            // PID 300's stat is cut short (it exited mid-read).
+            fs::remove_file(p.root.join("101/statm")).unwrap();
+            let line = stat_line(300, "node", 'S', (1000, 0), 11, 7000);
+            fs::write(p.root.join("300/stat"), &line[..line.len() / 3]).unwrap();
+            for i in 1..=3 {
+                let mut s = Sample::new(0);
+                c.collect(t0 + Duration::from_secs(i), &mut s);
+                assert_eq!(get(&s, "target.web.procs"), 1.0);
+                assert_eq!(status(&s, "web").state, "1 process");
+                assert_eq!(get(&s, "target.gw.up"), 0.0);
+                assert_eq!(status(&s, "gw").state, "not found");
+                assert_eq!(get(&s, "target.journal.procs"), 1.0);
+            }
+        });
+        assert!(
+            !log.contains("WARN") && !log.contains("ERROR"),
+            "vanishing processes are not an operator's problem:\n{log}"
+        );
+    }
+
+    #[test]
+    fn stat_cut_anywhere_never_panics() {
+        let line = stat_line(300, "a) (b", 'S', (1000, 20), 11, 7000);
+        assert!(stat_head_is_whole(line.as_bytes()));
+        for cut in 0..line.len() {
+            let bytes = &line.as_bytes()[..cut];
+            if let Some(b) = parse_brief(bytes) {
+                assert_eq!(b.comm, b"a) (b", "cut at {cut}");
+            }
+            // procfs-core's parser is only handed what it can slice.
+            if stat_head_is_whole(bytes) {
+                let _ = Stat::from_read(bytes);
+            }
+        }
+        for bad in [
+            &b"(x) S 1"[..],
+            b" (x) S 1",
+            b"1(x) S 1",
+            b"a (x) S 1",
+            b"1 ) ( S 1",
+            b"1 (x)",
+            b"1 (x) ",
+            b"1 (x)\xff\xff S",
+            b"",
+        ] {
+            assert!(
+                !stat_head_is_whole(bad),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let p = Proc::new();
+        p.add(300, "a) (b", &[], (1000, 20), 11, 100, Some(1), 7000);
+        let mut c = ProcessCollector::new(&p.root, &[process_target("x", "a) (b")]);
+        let t0 = Instant::now();
+        for cut in 0..line.len() {
+            fs::write(p.root.join("300/stat"), &line[..cut]).unwrap();
+            let mut s = Sample::new(0);
+            c.collect(t0 + RESCAN_INTERVAL * (cut as u32 + 1), &mut s);
+            assert!(get(&s, "target.x.procs") <= 1.0);
+        }
+        fs::write(p.root.join("300/stat"), &line).unwrap();
+        let mut s = Sample::new(0);
+        c.collect(t0 + RESCAN_INTERVAL * (line.len() as u32 + 1), &mut s);
+        assert_eq!(get(&s, "target.x.procs"), 1.0);
     }
 
     /// Against this machine's /proc: this test process itself.

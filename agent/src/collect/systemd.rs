@@ -9,20 +9,30 @@
 //! Every sample has one deadline ([`CALL_TIMEOUT`]) for all its calls, so a
 //! stuck bus never stalls sampling. Without a system bus or systemd, the
 //! targets report `not available`, one line is logged, and the connection is
-//! retried at most every [`RETRY_INTERVAL`]; a broken connection is
-//! re-established the same way.
+//! retried after [`RETRY_FIRST`], then less and less often, at most every
+//! [`RETRY_INTERVAL`] (see [`Retry`]); a connection that breaks (the bus
+//! daemon restarted) is re-established the same way, at once if it had
+//! lasted, and one line says when systemd is back.
+//!
+//! A unit that does not exist (never did, or its file was removed and
+//! systemd reloaded) reports `not found`; that is logged once when it
+//! happens and once when the unit is back, and the unit is looked up afresh
+//! every sample meanwhile, so a restored unit is read from scratch.
 
 use std::time::{Duration, Instant};
 
 use zbus_systemd::systemd1::{ManagerProxy, ServiceProxy, UnitProxy};
 use zbus_systemd::zbus;
 
-use super::{target_signal, Availability, Sample, SignalName, TargetStatus};
+use super::{target_signal, Availability, Retry, Sample, SignalName, TargetStatus};
 use crate::config::{Target, TargetKind};
 
 /// The budget for all D-Bus calls of one `collect`.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often a missing or broken bus is connected to again.
+/// The first wait before connecting again to a missing or broken bus; it
+/// doubles with every failed attempt, up to [`RETRY_INTERVAL`].
+pub const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two attempts to connect to the bus.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(30);
 /// After this many samples in a row whose calls ran out of time, the
 /// connection is considered stuck and replaced.
@@ -58,7 +68,7 @@ pub struct SystemdCollector {
     /// `None`: the system bus (honours `DBUS_SYSTEM_BUS_ADDRESS`).
     address: Option<String>,
     bus: Option<Bus>,
-    last_attempt: Option<Instant>,
+    retry: Retry,
     availability: Availability,
     /// Why systemd is not available, for the targets' `detail`.
     reason: String,
@@ -83,6 +93,8 @@ struct UnitTarget {
     proxies: Option<UnitProxies>,
     /// The last CPUUsageNSec reading, for the rate.
     last_cpu: Option<(Instant, u64)>,
+    /// Whether the unit was last seen `not found` (logged once).
+    missing: bool,
 }
 
 struct UnitProxies {
@@ -119,7 +131,8 @@ impl std::fmt::Debug for SystemdCollector {
 impl SystemdCollector {
     /// Targets of kind Systemd. Connects to the system bus lazily on the
     /// first `collect`; without systemd or a bus, the targets report
-    /// `not available` and the connection is retried at most every 30 s.
+    /// `not available` and the connection is retried with a back-off of
+    /// 1 s doubling up to 30 s.
     pub fn new(targets: &[Target]) -> Self {
         Self::build(targets, None)
     }
@@ -144,6 +157,7 @@ impl SystemdCollector {
                     sig_mem: target_signal(&t.name, "mem_mb"),
                     proxies: None,
                     last_cpu: None,
+                    missing: false,
                 }),
                 _ => None,
             })
@@ -152,7 +166,7 @@ impl SystemdCollector {
             units,
             address,
             bus: None,
-            last_attempt: None,
+            retry: Retry::new(RETRY_FIRST, RETRY_INTERVAL),
             availability: Availability::default(),
             reason: "not connected yet".to_string(),
             timeouts_in_a_row: 0,
@@ -170,7 +184,7 @@ impl SystemdCollector {
             return;
         }
         if self.bus.as_ref().is_some_and(|b| b.conn.is_closed()) {
-            self.disconnect("the system bus connection closed".to_string());
+            self.disconnect(now, "the system bus connection closed".to_string());
         }
         // One budget for the whole sample, connecting included.
         let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
@@ -232,26 +246,26 @@ impl SystemdCollector {
             self.timeouts_in_a_row = 0;
         }
         match lost {
-            Some(reason) if !timed_out => self.disconnect(reason),
+            Some(reason) if !timed_out => self.disconnect(now, reason),
             Some(reason) if self.timeouts_in_a_row >= MAX_TIMEOUTS_IN_A_ROW => {
-                self.disconnect(reason)
+                self.disconnect(now, reason)
             }
             _ => {}
         }
     }
 
-    /// Drops the connection. The next `collect` connects again, unless the
-    /// last attempt was less than [`RETRY_INTERVAL`] ago.
-    fn disconnect(&mut self, reason: String) {
+    /// Drops the connection. A later `collect` connects again when the
+    /// back-off says so (see [`Retry::lost`]).
+    fn disconnect(&mut self, now: Instant, reason: String) {
         if self.availability.fail() {
             tracing::warn!(
                 error = %reason,
-                retry_s = RETRY_INTERVAL.as_secs(),
-                "lost systemd; systemd targets report \"not available\""
+                "lost systemd; systemd targets report \"not available\" until it is back"
             );
         }
         self.reason = reason;
         self.bus = None;
+        self.retry.lost(now);
         self.timeouts_in_a_row = 0;
         for unit in &mut self.units {
             unit.proxies = None;
@@ -260,12 +274,9 @@ impl SystemdCollector {
     }
 
     async fn try_connect(&mut self, now: Instant, deadline: tokio::time::Instant) {
-        if let Some(last) = self.last_attempt {
-            if now.saturating_duration_since(last) < RETRY_INTERVAL {
-                return;
-            }
+        if !self.retry.attempt(now) {
+            return;
         }
-        self.last_attempt = Some(now);
         let result = match tokio::time::timeout_at(deadline, connect(self.address.as_deref())).await
         {
             Ok(r) => r,
@@ -278,13 +289,14 @@ impl SystemdCollector {
                 } else {
                     tracing::debug!("connected to systemd");
                 }
+                self.retry.connected(now);
                 self.bus = Some(bus);
             }
             Err(e) => {
+                self.retry.failed();
                 if self.availability.fail() {
                     tracing::warn!(
                         error = %e,
-                        retry_s = RETRY_INTERVAL.as_secs(),
                         "systemd not available; systemd targets report \"not available\""
                     );
                 }
@@ -377,10 +389,23 @@ async fn make_proxies(bus: &Bus, unit: &str) -> Result<UnitProxies, SystemdError
     })
 }
 
-/// Adds the signals and status for one reading.
+/// Adds the signals and status for one reading; logs once when the unit
+/// goes missing and once when it is back.
 fn report(unit: &mut UnitTarget, r: &Reading, now: Instant, sample: &mut Sample) {
     if r.load_state.as_deref() == Some("not-found") {
+        if !unit.missing {
+            unit.missing = true;
+            tracing::warn!(
+                target_name = %unit.name,
+                unit = %unit.unit,
+                "systemd unit not found; the target reports \"not found\" until it is back"
+            );
+        }
         unit.last_cpu = None;
+        // systemd unloads a unit that is not found, and may load it afresh
+        // (same object path) once its file is back: look it up again then,
+        // rather than trust properties cached from the old one.
+        unit.proxies = None;
         sample.push(&unit.sig_up, 0.0);
         sample.targets.push(status(
             unit,
@@ -389,6 +414,15 @@ fn report(unit: &mut UnitTarget, r: &Reading, now: Instant, sample: &mut Sample)
             Some(format!("no unit {}", unit.unit)),
         ));
         return;
+    }
+    if unit.missing {
+        unit.missing = false;
+        tracing::info!(
+            target_name = %unit.name,
+            unit = %unit.unit,
+            state = %format_args!("{}/{}", r.active_state, r.sub_state),
+            "systemd unit found again"
+        );
     }
     let up = r.active_state == "active";
     sample.push(&unit.sig_up, if up { 1.0 } else { 0.0 });
@@ -546,6 +580,14 @@ mod tests {
         assert_eq!(sample.get("target.db.up"), Some(0.0));
         assert_eq!(sample.targets[0].state, "not found");
         assert!(!sample.targets[0].up);
+        assert!(unit.missing, "logged once, not every sample");
+        assert!(unit.proxies.is_none(), "looked up afresh next time");
+
+        // The unit file is back and the unit started: read as usual.
+        let mut sample = Sample::new(0);
+        report(&mut unit, &reading, Instant::now(), &mut sample);
+        assert!(!unit.missing);
+        assert_eq!(sample.targets[0].state, "failed/failed");
     }
 
     #[tokio::test]
@@ -563,9 +605,11 @@ mod tests {
         let mut c = SystemdCollector::with_bus_address(&targets, address);
         let now = Instant::now();
         let started = Instant::now();
-        for i in 0..3 {
+        let ms = Duration::from_millis;
+        // Attempts back off: at 0, 1 s later, 2 s after that.
+        for (at, attempted) in [(0, 0), (500, 0), (1000, 1000), (2000, 1000), (3000, 3000)] {
             let mut sample = Sample::new(0);
-            c.collect(now + Duration::from_secs(i), &mut sample).await;
+            c.collect(now + ms(at), &mut sample).await;
             assert_eq!(sample.targets.len(), 1);
             let t = &sample.targets[0];
             assert_eq!(t.name, "web");
@@ -574,14 +618,23 @@ mod tests {
             assert!(!t.up);
             assert!(t.detail.is_some());
             assert!(sample.values.is_empty());
+            assert_eq!(
+                c.retry.last_attempt(),
+                Some(now + ms(attempted)),
+                "at {at} ms"
+            );
         }
         assert!(started.elapsed() < Duration::from_secs(1));
         assert!(!c.connected());
         assert!(c.availability.is_down());
-        assert_eq!(c.last_attempt, Some(now));
+        // Never more than RETRY_INTERVAL apart.
         let mut sample = Sample::new(0);
-        c.collect(now + RETRY_INTERVAL, &mut sample).await;
-        assert_eq!(c.last_attempt, Some(now + RETRY_INTERVAL));
+        c.collect(now + ms(3000) + RETRY_INTERVAL, &mut sample)
+            .await;
+        assert_eq!(
+            c.retry.last_attempt(),
+            Some(now + ms(3000) + RETRY_INTERVAL)
+        );
     }
 
     #[tokio::test]
@@ -628,6 +681,6 @@ mod tests {
         let mut sample = Sample::new(0);
         c.collect(Instant::now(), &mut sample).await;
         assert!(sample.targets.is_empty());
-        assert!(c.last_attempt.is_none());
+        assert!(c.retry.last_attempt().is_none());
     }
 }
