@@ -396,15 +396,16 @@ impl Store {
         let cfg = self.outbox_config();
         let (row, queued) = self
             .exec(move |w| {
-                durable_transaction(w.conn(), |tx| {
-                    let row = append_in(tx, &entry)?;
-                    let queued = match EventBody::from_audit(&row) {
-                        Some(ev) => {
-                            event_in(tx, cfg.as_ref(), &ev, row.entry.ts_ms)?.then_some(ev.event)
-                        }
-                        None => None,
-                    };
-                    Ok((row, queued))
+                w.with_room(|w| {
+                    durable_transaction(w.conn(), |tx| {
+                        let row = append_in(tx, &entry)?;
+                        let queued = match EventBody::from_audit(&row) {
+                            Some(ev) => event_in(tx, cfg.as_ref(), &ev, row.entry.ts_ms)?
+                                .then_some(ev.event),
+                            None => None,
+                        };
+                        Ok((row, queued))
+                    })
                 })
             })
             .await??;
@@ -424,18 +425,20 @@ impl Store {
         let cfg = self.outbox_config();
         let (id, queued) = self
             .exec(move |w| {
-                durable_transaction(w.conn(), |tx| {
-                    let id = insert_incident(tx, &target, opened_ms, score, &explanation)?;
-                    let inc = Incident {
-                        id,
-                        target,
-                        opened_ms,
-                        closed_ms: None,
-                        score,
-                        explanation,
-                    };
-                    let ev = EventBody::incident(events::INCIDENT_OPENED, &inc);
-                    Ok((id, event_in(tx, cfg.as_ref(), &ev, opened_ms)?))
+                w.with_room(|w| {
+                    durable_transaction(w.conn(), |tx| {
+                        let id = insert_incident(tx, &target, opened_ms, score, &explanation)?;
+                        let inc = Incident {
+                            id,
+                            target: target.clone(),
+                            opened_ms,
+                            closed_ms: None,
+                            score,
+                            explanation: explanation.clone(),
+                        };
+                        let ev = EventBody::incident(events::INCIDENT_OPENED, &inc);
+                        Ok((id, event_in(tx, cfg.as_ref(), &ev, opened_ms)?))
+                    })
                 })
             })
             .await??;
@@ -448,7 +451,7 @@ impl Store {
     }
 
     pub async fn close_detector_incidents(&self, closed_ms: i64) -> Result<usize, StoreError> {
-        self.exec(move |w| close_detector_incidents(w.conn(), closed_ms))
+        self.exec(move |w| w.with_room(|w| close_detector_incidents(w.conn(), closed_ms)))
             .await?
     }
 
@@ -456,22 +459,24 @@ impl Store {
         let cfg = self.outbox_config();
         let queued = self
             .exec(move |w| {
-                durable_transaction(w.conn(), |tx| {
-                    let n = tx.execute(
+                w.with_room(|w| {
+                    durable_transaction(w.conn(), |tx| {
+                        let n = tx.execute(
                         "UPDATE incidents SET closed_ms = ?2 WHERE id = ?1 AND closed_ms IS NULL",
                         params![id, closed_ms],
                     )?;
-                    if n == 0 {
-                        return Ok(false);
-                    }
-                    let inc = incident_by_id(tx, id)?;
-                    match inc {
-                        Some(inc) => {
-                            let ev = EventBody::incident(events::INCIDENT_CLOSED, &inc);
-                            event_in(tx, cfg.as_ref(), &ev, closed_ms)
+                        if n == 0 {
+                            return Ok(false);
                         }
-                        None => Ok(false),
-                    }
+                        let inc = incident_by_id(tx, id)?;
+                        match inc {
+                            Some(inc) => {
+                                let ev = EventBody::incident(events::INCIDENT_CLOSED, &inc);
+                                event_in(tx, cfg.as_ref(), &ev, closed_ms)
+                            }
+                            None => Ok(false),
+                        }
+                    })
                 })
             })
             .await??;
@@ -489,7 +494,7 @@ impl Store {
         json: String,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        self.exec(move |w| save_guard(w.conn(), &key, &json, now_ms))
+        self.exec(move |w| w.with_room(|w| save_guard(w.conn(), &key, &json, now_ms)))
             .await?
     }
 

@@ -16,9 +16,16 @@
 //! [`Store::flush`] and [`Store::close`] commit with `FULL`, and
 //! [`schema::durable_transaction`] gives the audit chain and the outbox the
 //! same.
+//!
+//! Faults (see [`faults`]): a database SQLite calls corrupt when the store
+//! opens is moved aside and a fresh one started (reported upstream as
+//! `store.recovered`); on a full disk the writer gives up a reserve file and
+//! the oldest feature batches so that audit rows and events keep being
+//! written, and goes back to normal when there is room again.
 
 pub mod audit;
 pub mod codec;
+pub mod faults;
 pub mod outbox;
 mod reader;
 pub mod schema;
@@ -38,6 +45,7 @@ use tokio::sync::oneshot;
 use crate::collect::TargetStatus;
 use crate::config::Config;
 use crate::detect::features::FeatureVector;
+use crate::sync::message::EventBody;
 
 pub use reader::{Reader, StoredStatus};
 
@@ -122,7 +130,7 @@ struct Shared {
     dropped: Arc<AtomicU64>,
     /// Whether we are in a burst of drops (logged once per burst).
     dropping: AtomicBool,
-    outbox: outbox::OutboxShared,
+    outbox: Arc<outbox::OutboxShared>,
 }
 
 /// Handle to the store's writer thread. Cheap to clone.
@@ -141,14 +149,46 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Creates the state dir (0700) if missing, opens/migrates the DB
-    /// synchronously (errors returned), starts the writer thread.
+    /// synchronously (errors returned), starts the writer thread. A database
+    /// SQLite calls corrupt is moved aside and a fresh one started (see
+    /// [`faults`]); the `store.recovered` event waits for the outbox.
     pub fn open(cfg: &Config) -> Result<Store, StoreError> {
         create_state_dir(&cfg.agent.state_dir)?;
         let path = cfg.db_path();
-        create_private_file(&path)?;
-        let conn = schema::open_rw(&path)?;
         let started_ms = now_ms();
-        writer::record_start(&conn, &cfg.agent.node_id, started_ms)?;
+        let node = cfg.agent.node_id.as_str();
+        let outbox = Arc::new(outbox::OutboxShared::default());
+        let conn = match open_db(&path, node, started_ms) {
+            Ok(c) => c,
+            Err(e) if faults::is_disk_full(&e) && faults::release_reserve(&path) => {
+                tracing::warn!(path = %path.display(), "disk full at start: released the store's reserve");
+                open_db(&path, node, started_ms)?
+            }
+            Err(e) if faults::is_corrupt(&e) => {
+                let moved = faults::set_aside(&path, started_ms)?;
+                tracing::error!(
+                    path = %path.display(),
+                    moved_to = %moved.display(),
+                    error = %e,
+                    "the store is corrupt: moved it aside and started a fresh one"
+                );
+                let conn = open_db(&path, node, started_ms)?;
+                // The old seq is lost with the file; consumers deduplicate
+                // on (node, seq), so the new one must start above it.
+                outbox::raise_seq(&conn, started_ms.max(0) as u64)?;
+                outbox.hold(EventBody::new(
+                    crate::sync::message::events::STORE_RECOVERED,
+                    serde_json::json!({
+                        "cause": "corrupt",
+                        "error": e.to_string(),
+                        "moved_to": moved.display().to_string(),
+                    }),
+                ));
+                conn
+            }
+            Err(e) => return Err(e),
+        };
+        faults::ensure_reserve(&path);
 
         let (data_tx, data_rx) = mpsc::sync_channel(DATA_CHANNEL_CAPACITY);
         let (ctl_tx, ctl_rx) = mpsc::channel();
@@ -160,6 +200,7 @@ impl Store {
             writer::Limits::from_config(&cfg.store),
             targets.clone(),
             dropped.clone(),
+            outbox.clone(),
         );
         std::thread::Builder::new()
             .name("outpost-store".into())
@@ -172,7 +213,7 @@ impl Store {
                 targets,
                 dropped,
                 dropping: AtomicBool::new(false),
-                outbox: outbox::OutboxShared::default(),
+                outbox,
             }),
         })
     }
@@ -261,6 +302,19 @@ impl Store {
         })))?;
         rx.await.map_err(|_| StoreError::Closed)
     }
+}
+
+/// Opens (creating if needed) and migrates the database and records this
+/// process in it.
+fn open_db(
+    path: &Path,
+    node_id: &str,
+    started_ms: i64,
+) -> Result<rusqlite::Connection, StoreError> {
+    create_private_file(path)?;
+    let conn = schema::open_rw(path)?;
+    writer::record_start(&conn, node_id, started_ms)?;
+    Ok(conn)
 }
 
 fn create_state_dir(dir: &Path) -> Result<(), StoreError> {

@@ -16,6 +16,9 @@
 //! newer one follows). Acknowledged rows are deleted in batches with
 //! `NORMAL`: a lost delete means one duplicate publish, never a lost row.
 //!
+//! The seq never goes back, not even when a corrupt store is replaced by a
+//! fresh one ([`raise_seq`]): consumers deduplicate on (node, seq).
+//!
 //! These functions take a connection or a transaction so the audit trail
 //! and incidents can enqueue their event in the same transaction as their
 //! row; the [`Store`](super::Store) methods at the end run them on the
@@ -26,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use super::schema::durable_transaction;
+use super::writer::Writer;
 use super::{now_ms, Store, StoreError};
 use crate::sync::message::{Dropped, EventBody, Kind, Message, SummaryCounts, Topics};
 
@@ -90,6 +94,17 @@ pub fn last_seq(conn: &Connection) -> Result<u64, StoreError> {
     Ok(meta_get(conn, SEQ_KEY)?
         .and_then(|s| s.parse().ok())
         .unwrap_or(0))
+}
+
+/// Makes the next seq handed out greater than `at_least` (a fresh store
+/// that replaces a corrupt one, whose last seq is lost, starts from the
+/// wall clock in milliseconds: above anything the old store can have used
+/// at one message per millisecond or less).
+pub fn raise_seq(conn: &Connection, at_least: u64) -> Result<(), StoreError> {
+    if last_seq(conn)? < at_least {
+        meta_set(conn, SEQ_KEY, &at_least.to_string())?;
+    }
+    Ok(())
 }
 
 /// What was dropped since the last state message.
@@ -274,11 +289,39 @@ pub(super) struct OutboxShared {
     cfg: Mutex<Option<OutboxConfig>>,
     notify: Arc<tokio::sync::Notify>,
     counts: Mutex<SummaryCounts>,
+    /// Events from before the outbox was configured (a store recovered at
+    /// open), posted when it is.
+    held: Mutex<Vec<EventBody>>,
 }
 
 impl OutboxShared {
     pub(super) fn config(&self) -> Option<OutboxConfig> {
         self.cfg.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Keeps `ev` until the outbox is configured.
+    pub(super) fn hold(&self, ev: EventBody) {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).push(ev);
+    }
+
+    /// Enqueues `ev` on the writer thread (its own durable transaction,
+    /// making room on a full disk) when the outbox is on. Errors are logged.
+    pub(super) fn post(&self, w: &mut Writer, ev: &EventBody) {
+        let Some(cfg) = self.config() else {
+            return;
+        };
+        let body = match serde_json::to_value(ev) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode event");
+                return;
+            }
+        };
+        match w.with_room(|w| enqueue_one(w.conn(), &cfg, Kind::Event, now_ms(), body.clone())) {
+            Ok(Enqueued::Stored(_)) => self.stored(Kind::Event, Some(&ev.event)),
+            Ok(Enqueued::Dropped) => {}
+            Err(e) => tracing::warn!(event = %ev.event, error = %e, "cannot enqueue event"),
+        }
     }
 
     /// After a commit that stored `kind`: wake the publisher, count it.
@@ -323,12 +366,26 @@ impl Store {
     /// off, nothing is enqueued: events are not kept for an uplink that is
     /// not configured.
     pub fn configure_outbox(&self, cfg: Option<OutboxConfig>) {
+        let on = cfg.is_some();
         *self
             .shared
             .outbox
             .cfg
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = cfg;
+        if on {
+            let held = std::mem::take(
+                &mut *self
+                    .shared
+                    .outbox
+                    .held
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            for ev in held {
+                self.post_event(ev);
+            }
+        }
     }
 
     pub fn outbox_config(&self) -> Option<OutboxConfig> {
@@ -366,7 +423,9 @@ impl Store {
             .and_then(|e| e.as_str())
             .map(str::to_string);
         let r = self
-            .exec(move |w| enqueue_one(w.conn(), &cfg, kind, now_ms(), body))
+            .exec(move |w| {
+                w.with_room(|w| enqueue_one(w.conn(), &cfg, kind, now_ms(), body.clone()))
+            })
             .await??;
         if matches!(r, Enqueued::Stored(_)) {
             self.shared.outbox.stored(kind, event.as_deref());
@@ -377,24 +436,11 @@ impl Store {
     /// Enqueues an event without waiting (for callers that must not wait
     /// on the disk: detection, model lifecycle). Errors are logged.
     pub fn post_event(&self, ev: EventBody) {
-        let Some(cfg) = self.outbox_config() else {
+        if self.outbox_config().is_none() {
             return;
-        };
-        let shared = self.shared.clone();
-        let r = self.control(super::Ctl::Exec(Box::new(move |w| {
-            let body = match serde_json::to_value(&ev) {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot encode event");
-                    return;
-                }
-            };
-            match enqueue_one(w.conn(), &cfg, Kind::Event, now_ms(), body) {
-                Ok(Enqueued::Stored(_)) => shared.outbox.stored(Kind::Event, Some(&ev.event)),
-                Ok(Enqueued::Dropped) => {}
-                Err(e) => tracing::warn!(event = %ev.event, error = %e, "cannot enqueue event"),
-            }
-        })));
+        }
+        let shared = self.shared.outbox.clone();
+        let r = self.control(super::Ctl::Exec(Box::new(move |w| shared.post(w, &ev))));
         if r.is_err() {
             tracing::warn!("store closed: event not enqueued");
         }
@@ -411,7 +457,8 @@ impl Store {
 
     /// Deletes acknowledged rows.
     pub async fn outbox_ack(&self, seqs: Vec<u64>) -> Result<usize, StoreError> {
-        self.exec(move |w| ack(w.conn(), &seqs)).await?
+        self.exec(move |w| w.with_room(|w| ack(w.conn(), &seqs)))
+            .await?
     }
 
     /// Rows waiting, the last seq handed out, and what was dropped since

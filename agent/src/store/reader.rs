@@ -28,6 +28,9 @@ pub struct StoredStatus {
     pub feature_vectors: u64,
     /// Size of the database file plus its `-wal`.
     pub db_bytes: u64,
+    /// Since when the disk has been full (the writer is deleting the oldest
+    /// features to keep audit rows and events); `None` when it is not.
+    pub disk_full_since_ms: Option<i64>,
 }
 
 /// A read-only view of the store.
@@ -106,6 +109,13 @@ impl Reader {
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
+        let disk_full_since_ms: Option<i64> = tx
+            .query_row(
+                "SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?1",
+                [super::writer::DISK_FULL_KEY],
+                |r| r.get(0),
+            )
+            .optional()?;
         drop(tx);
         let file_len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         Ok(StoredStatus {
@@ -118,6 +128,7 @@ impl Reader {
             newest_feature_ms: newest,
             feature_vectors: vectors.max(0) as u64,
             db_bytes: file_len(&self.path) + file_len(&wal_path(&self.path)),
+            disk_full_since_ms,
         })
     }
 

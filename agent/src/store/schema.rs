@@ -23,7 +23,7 @@ pub const PAGE_SIZE: i64 = 1024;
 /// its header, so a commit dirties one mmapped page fewer (the kernel writes
 /// those back to disk too); a page rewritten by many commits still reaches
 /// the database file only once per checkpoint.
-const WAL_AUTOCHECKPOINT_FRAMES: i64 = 900;
+pub const WAL_AUTOCHECKPOINT_FRAMES: i64 = 900;
 
 /// The writer's page cache, negative as SQLite wants KiB.
 const WRITER_CACHE_KIB: i64 = -256;

@@ -933,3 +933,165 @@ async fn simulated_day_stays_within_disk_budget() {
     );
     store.close().await.expect("close");
 }
+
+fn audit_entry(i: u64) -> audit::AuditEntry {
+    audit::AuditEntry {
+        ts_ms: i as i64,
+        decision_id: i,
+        rule: Some("web-down".into()),
+        target: "web".into(),
+        action: "notify".into(),
+        decision: "suggested".into(),
+        reason: format!("probe_failed for 1 sample, episode {i}: would notify (mode = suggest)"),
+        detail: serde_json::json!({"episode": i}),
+    }
+}
+
+fn outbox_events(store_rows: &[outbox::OutboxRow]) -> Vec<serde_json::Value> {
+    store_rows
+        .iter()
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.payload).expect("json"))
+        .filter(|m| m["type"] == "event")
+        .collect()
+}
+
+/// SQLite answers SQLITE_FULL at `max_page_count` as on a full disk: the
+/// writer must take the room from stored features, never from audit rows or
+/// events, say so in `meta`, and go back to normal when there is room.
+#[tokio::test]
+async fn a_full_database_gives_feature_pages_to_audit_rows_and_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = test_config(dir.path());
+    let store = Store::open(&cfg).expect("open");
+    store.configure_outbox(Some(outbox::OutboxConfig::new("p", "n1", 1000)));
+    let n = names(
+        &(0..200)
+            .map(|i| format!("f{i:03}"))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let mut rng = Rng(7);
+    for t in 0..150 {
+        let values = (0..200).map(|_| rng.unit() as f32).collect();
+        store.record_features(fv(t, &n, values));
+        store.flush().await.expect("flush");
+    }
+    assert_eq!(feature_rows(&cfg.db_path()).len(), 150);
+    // The file may not grow any more: every page from now on comes from
+    // somewhere inside it.
+    store
+        .exec(|w| {
+            let pages = pragma_i64(w.conn(), "page_count");
+            w.conn()
+                .pragma_update(None, "max_page_count", pages)
+                .expect("cap");
+        })
+        .await
+        .expect("exec");
+    for i in 1..=30 {
+        store
+            .audit(audit_entry(i))
+            .await
+            .unwrap_or_else(|e| panic!("audit row {i} on a full database: {e}"));
+    }
+    assert!(store.exec(|w| w.disk_full()).await.expect("exec"));
+    let left = feature_rows(&cfg.db_path()).len();
+    assert!(left < 150, "no feature batch was deleted ({left} left)");
+    // New features still go in, in the room old ones leave.
+    for t in 150..155 {
+        store.record_features(fv(t, &n, vec![0.5; 200]));
+        store.flush().await.expect("flush on a full database");
+    }
+    let reader = Reader::open(&cfg.db_path()).expect("reader");
+    let report = reader.verify_chain().expect("verify");
+    assert!(report.ok && report.rows == 30, "{report:?}");
+    let since = reader.status().expect("status").disk_full_since_ms;
+    assert!(since.is_some(), "the full disk is not in the status");
+    let events = outbox_events(&store.outbox_pending(0, 1000).await.expect("pending"));
+    assert_eq!(events.len(), 30, "an event was lost");
+
+    // A restart keeps the state (the cap was the old connection's).
+    store.close().await.expect("close");
+    let store = Store::open(&cfg).expect("reopen");
+    store.configure_outbox(Some(outbox::OutboxConfig::new("p", "n1", 1000)));
+    assert!(store.exec(|w| w.disk_full()).await.expect("exec"));
+    assert_eq!(reader.status().expect("status").disk_full_since_ms, since);
+
+    // Room again: back to normal, with a store.recovered event.
+    store
+        .exec(|w| {
+            w.check_room();
+            w.disk_full()
+        })
+        .await
+        .map(|full| assert!(!full, "still full with room"))
+        .expect("exec");
+    assert_eq!(reader.status().expect("status").disk_full_since_ms, None);
+    assert!(faults::reserve_path(&cfg.db_path()).is_file());
+    let events = outbox_events(&store.outbox_pending(0, 1000).await.expect("pending"));
+    let last = &events.last().expect("events")["body"];
+    assert_eq!(last["event"], "store.recovered", "{last}");
+    assert_eq!(last["cause"], "disk_full");
+    assert_eq!(last["since_ms"].as_i64(), since);
+    store.close().await.expect("close");
+}
+
+/// A file that is not a database is moved aside, not overwritten; the
+/// fresh store's seq starts above any the old one can have used, and the
+/// `store.recovered` event waits for the outbox.
+#[tokio::test]
+async fn a_corrupt_file_is_set_aside_and_reported_once_the_outbox_is_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = test_config(dir.path());
+    std::fs::create_dir_all(&cfg.agent.state_dir).expect("dir");
+    let garbage: Vec<u8> = (0..8192u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(cfg.db_path(), &garbage).expect("garbage");
+    let before = now_ms();
+    let store = Store::open(&cfg).expect("open over a corrupt file");
+    let aside: Vec<_> = std::fs::read_dir(&cfg.agent.state_dir)
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.to_string_lossy().contains(".corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(std::fs::read(&aside[0]).expect("kept"), garbage);
+    assert!(Reader::open(&cfg.db_path())
+        .expect("fresh")
+        .status()
+        .is_ok());
+
+    store.configure_outbox(Some(outbox::OutboxConfig::new("p", "n1", 100)));
+    store.flush().await.expect("flush");
+    let rows = store.outbox_pending(0, 10).await.expect("pending");
+    let events = outbox_events(&rows);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let body = &events[0]["body"];
+    assert_eq!(body["event"], "store.recovered");
+    assert_eq!(body["cause"], "corrupt");
+    assert_eq!(body["moved_to"], aside[0].display().to_string());
+    assert!(
+        rows[0].seq > before as u64,
+        "seq {} restarted low",
+        rows[0].seq
+    );
+    store.close().await.expect("close");
+
+    // A good store is never moved.
+    let store = Store::open(&cfg).expect("reopen");
+    store.close().await.expect("close");
+    let n = std::fs::read_dir(&cfg.agent.state_dir)
+        .expect("ls")
+        .filter(|e| {
+            e.as_ref()
+                .expect("entry")
+                .path()
+                .to_string_lossy()
+                .contains(".corrupt-")
+        })
+        .count();
+    assert_eq!(n, 1);
+}

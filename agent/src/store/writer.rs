@@ -9,6 +9,19 @@
 //! names. SQLite adds page 1 and the pointer map page to every commit, and
 //! the WAL-index (`-shm`, mmapped, written back by the kernel) a page or
 //! more; see `schema::PAGE_SIZE` for why pages are small.
+//!
+//! Disk full (see `faults.rs` for why a reserve file is needed). Every write
+//! goes through [`Writer::with_room`]: at the first `SQLITE_FULL` the writer
+//! releases the reserve, logs one error, records `disk_full_since_ms` in
+//! `meta` (shown by `outpost status --json`) and lets SQLite checkpoint
+//! more often; then it checkpoints and deletes the oldest feature batches
+//! until enough of the file is free pages, and tries the write again (up to
+//! [`FULL_ATTEMPTS`] times, making twice as much room each time). While the
+//! disk stays full, every flush first deletes old batches so the file does
+//! not grow: new features replace the oldest, audit rows and events keep
+//! their place. Every [`FULL_RECHECK`] the writer looks for room; when the
+//! file system has it again it recreates the reserve, leaves the full state
+//! and posts a `store.recovered` event (`cause: "disk_full"`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,7 +33,8 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::codec::{self, CODEC_XOR_SHUFFLE_ZSTD};
-use super::{now_ms, schema, Ctl, Msg, StoreError, TargetSlot};
+use super::outbox::OutboxShared;
+use super::{faults, now_ms, schema, Ctl, Msg, StoreError, TargetSlot};
 use crate::collect::TargetStatus;
 use crate::config::StoreConfig;
 use crate::detect::features::FeatureVector;
@@ -54,6 +68,21 @@ const SIZE_CHUNK_ROWS: i64 = 16;
 /// is for when the limits shrink or a burst of data is deleted.
 const VACUUM_MIN_FREE_BYTES: i64 = 1024 * 1024;
 const VACUUM_MIN_FREE_FRACTION: i64 = 10;
+/// While the disk is full, the oldest feature batches are deleted before
+/// each flush until at least this much of the database file is free pages:
+/// new rows take those pages, so the file does not grow.
+const FULL_HEADROOM_BYTES: i64 = 128 * 1024;
+/// A write that fails for want of disk space is tried again this many
+/// times, each after making twice as much room as the time before.
+const FULL_ATTEMPTS: u32 = 4;
+/// While the disk is full, how often the writer looks for room again.
+const FULL_RECHECK: Duration = Duration::from_secs(5);
+/// While the disk is full, SQLite checkpoints at this many WAL frames
+/// (normally `schema::WAL_AUTOCHECKPOINT_FRAMES`): the WAL is then written
+/// again from its start before it needs more room than it has.
+const FULL_WAL_AUTOCHECKPOINT_FRAMES: i64 = 64;
+/// The `meta` key that holds when the disk filled up, while it is full.
+pub const DISK_FULL_KEY: &str = "disk_full_since_ms";
 
 /// Retention and flush limits, from `StoreConfig`.
 #[derive(Debug, Clone)]
@@ -143,6 +172,33 @@ pub struct Writer {
     last_flush: Instant,
     retry_at: Option<Instant>,
     failing: bool,
+    /// Set while the disk is full.
+    full: Option<DiskFull>,
+    outbox: Arc<OutboxShared>,
+}
+
+/// A full-disk episode.
+#[derive(Debug)]
+struct DiskFull {
+    since_ms: i64,
+    /// Feature batches and vectors deleted to make room.
+    shed_rows: u64,
+    shed_vectors: u64,
+    next_check: Instant,
+    /// Whether `meta` says so yet.
+    recorded: bool,
+}
+
+impl DiskFull {
+    fn new(since_ms: i64, recorded: bool) -> DiskFull {
+        DiskFull {
+            since_ms,
+            shed_rows: 0,
+            shed_vectors: 0,
+            next_check: Instant::now() + FULL_RECHECK,
+            recorded,
+        }
+    }
 }
 
 impl Writer {
@@ -152,7 +208,26 @@ impl Writer {
         limits: Limits,
         targets: TargetSlot,
         dropped: Arc<AtomicU64>,
+        outbox: Arc<OutboxShared>,
     ) -> Writer {
+        // A previous run stopped while the disk was full: carry on in that
+        // state until there is room (looked for after FULL_RECHECK, when
+        // the uplink has turned the outbox on for the event).
+        let full = conn
+            .query_row(
+                "SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?1",
+                [DISK_FULL_KEY],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .ok()
+            .flatten()
+            .map(|since_ms| {
+                tracing::warn!(since_ms, "store: the disk was full when the agent stopped");
+                let _ =
+                    conn.pragma_update(None, "wal_autocheckpoint", FULL_WAL_AUTOCHECKPOINT_FRAMES);
+                DiskFull::new(since_ms, true)
+            });
         Writer {
             conn,
             path,
@@ -166,6 +241,8 @@ impl Writer {
             last_flush: Instant::now(),
             retry_at: None,
             failing: false,
+            full,
+            outbox,
         }
     }
 
@@ -177,6 +254,9 @@ impl Writer {
             let mut deadline = next_retention;
             if self.pending() {
                 deadline = deadline.min(self.flush_due());
+            }
+            if let Some(f) = &self.full {
+                deadline = deadline.min(f.next_check);
             }
             match data.recv_timeout(deadline.saturating_duration_since(now)) {
                 Ok(Msg::Features(v)) => self.push(v),
@@ -209,6 +289,9 @@ impl Writer {
             if now >= next_retention {
                 self.retention_logged();
                 next_retention = now + RETENTION_EVERY;
+            }
+            if self.full.as_ref().is_some_and(|f| now >= f.next_check) {
+                self.check_room();
             }
         }
     }
@@ -325,7 +408,11 @@ impl Writer {
         let now = now_ms();
         let buf = std::mem::take(&mut self.buf);
         let started = Instant::now();
-        let result = self.commit(&buf, targets.as_deref(), now, durable);
+        if self.full.is_some() {
+            self.shed(FULL_HEADROOM_BYTES);
+            self.record_full();
+        }
+        let result = self.with_room(|w| w.commit(&buf, targets.as_deref(), now, durable));
         self.last_flush = Instant::now();
         match result {
             Ok(rows) => {
@@ -524,15 +611,7 @@ impl Writer {
             if used <= self.limits.max_db_bytes {
                 break;
             }
-            let tx =
-                rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
-            let (rows, vectors) = delete_returning_n(
-                &tx,
-                "DELETE FROM features WHERE id IN (SELECT id FROM features ORDER BY id LIMIT ?1)
-                 RETURNING n",
-                SIZE_CHUNK_ROWS,
-            )?;
-            tx.commit()?;
+            let (rows, vectors) = self.delete_oldest()?;
             if rows == 0 {
                 tracing::warn!(
                     used_bytes = used,
@@ -550,7 +629,9 @@ impl Writer {
         let pages: i64 = self
             .conn
             .pragma_query_value(None, "page_count", |r| r.get(0))?;
-        if free > 0
+        // On a full disk the free pages are the room new rows take.
+        if self.full.is_none()
+            && free > 0
             && free >= self.limits.vacuum_min_free_pages
             && free * VACUUM_MIN_FREE_FRACTION >= pages
         {
@@ -564,6 +645,181 @@ impl Writer {
             rep.vacuumed_pages = free - after;
         }
         Ok(rep)
+    }
+
+    /// Deletes the oldest `SIZE_CHUNK_ROWS` feature batches (one
+    /// transaction); returns how many rows and vectors went.
+    fn delete_oldest(&self) -> Result<(u64, u64), StoreError> {
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        let n = delete_returning_n(
+            &tx,
+            "DELETE FROM features WHERE id IN (SELECT id FROM features ORDER BY id LIMIT ?1)
+             RETURNING n",
+            SIZE_CHUNK_ROWS,
+        )?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Runs a write; when it fails because the disk is full, makes room
+    /// ([`Writer::make_room`]) and runs it again, up to [`FULL_ATTEMPTS`]
+    /// times. Every write of the audit trail, the outbox and the guard
+    /// state goes through here, and feature flushes too.
+    pub(super) fn with_room<T>(
+        &mut self,
+        mut write: impl FnMut(&mut Writer) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut attempt = 0;
+        loop {
+            match write(self) {
+                Err(e) if faults::is_disk_full(&e) && attempt < FULL_ATTEMPTS => {
+                    self.make_room(attempt);
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Gives SQLite room on a full disk. The first time: releases the
+    /// reserve, logs, and checkpoints more often. Every time: checkpoints
+    /// (so the WAL is written from its start again) and deletes the oldest
+    /// feature batches until `FULL_HEADROOM_BYTES << attempt` is free.
+    fn make_room(&mut self, attempt: u32) {
+        if self.full.is_none() {
+            let released = faults::release_reserve(&self.path);
+            tracing::error!(
+                path = %self.path.display(),
+                released_reserve = released,
+                "disk full: deleting the oldest stored features to keep audit rows and events"
+            );
+            self.full = Some(DiskFull::new(now_ms(), false));
+            let _ =
+                self.conn
+                    .pragma_update(None, "wal_autocheckpoint", FULL_WAL_AUTOCHECKPOINT_FRAMES);
+        }
+        self.checkpoint();
+        self.shed(FULL_HEADROOM_BYTES << attempt.min(8));
+        self.record_full();
+    }
+
+    /// Puts the full disk in `meta` for `outpost status`, once per episode
+    /// (tried again before the next flush if this write fails too).
+    fn record_full(&mut self) {
+        let Some(f) = &self.full else {
+            return;
+        };
+        if f.recorded {
+            return;
+        }
+        let r = self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![DISK_FULL_KEY, f.since_ms.to_string()],
+        );
+        match r {
+            Ok(_) => {
+                if let Some(f) = &mut self.full {
+                    f.recorded = true;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot record the full disk in meta"),
+        }
+    }
+
+    fn checkpoint(&self) {
+        let r = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "store checkpoint failed");
+        }
+    }
+
+    /// Deletes the oldest feature batches until `headroom` bytes of the
+    /// database file are free pages, or none are left.
+    fn shed(&mut self, headroom: i64) {
+        loop {
+            let free = self.free_bytes().unwrap_or(0);
+            if free >= headroom {
+                return;
+            }
+            match self.delete_oldest() {
+                Ok((0, _)) => return,
+                Ok((rows, vectors)) => {
+                    if let Some(f) = &mut self.full {
+                        f.shed_rows += rows;
+                        f.shed_vectors += vectors;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "store: cannot delete old features");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn free_bytes(&self) -> Result<i64, StoreError> {
+        let free: i64 = self
+            .conn
+            .pragma_query_value(None, "freelist_count", |r| r.get(0))?;
+        let size: i64 = self
+            .conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))?;
+        Ok(free * size)
+    }
+
+    /// While the disk is full: once the file system has room again,
+    /// recreates the reserve and leaves the full state (log, `meta`, a
+    /// `store.recovered` event).
+    pub(super) fn check_room(&mut self) {
+        let Some(f) = &mut self.full else {
+            return;
+        };
+        f.next_check = Instant::now() + FULL_RECHECK;
+        if !faults::ensure_reserve(&self.path) {
+            return;
+        }
+        let Some(f) = self.full.take() else {
+            return;
+        };
+        let _ = self.conn.pragma_update(
+            None,
+            "wal_autocheckpoint",
+            schema::WAL_AUTOCHECKPOINT_FRAMES,
+        );
+        if let Err(e) = self.with_room(|w| {
+            Ok(w.conn
+                .execute("DELETE FROM meta WHERE key = ?1", [DISK_FULL_KEY])?)
+        }) {
+            tracing::warn!(error = %e, "cannot clear the full disk from meta");
+        }
+        let full_for_s = (now_ms() - f.since_ms).max(0) / 1000;
+        tracing::info!(
+            path = %self.path.display(),
+            full_for_s,
+            shed_rows = f.shed_rows,
+            shed_vectors = f.shed_vectors,
+            "disk has room again: store writes back to normal"
+        );
+        let ev = crate::sync::message::EventBody::new(
+            crate::sync::message::events::STORE_RECOVERED,
+            serde_json::json!({
+                "cause": "disk_full",
+                "since_ms": f.since_ms,
+                "shed_rows": f.shed_rows,
+                "shed_vectors": f.shed_vectors,
+            }),
+        );
+        let outbox = self.outbox.clone();
+        outbox.post(self, &ev);
+    }
+
+    /// Whether the disk is full (for tests).
+    #[cfg(test)]
+    pub(super) fn disk_full(&self) -> bool {
+        self.full.is_some()
     }
 
     pub(super) fn conn(&self) -> &Connection {
