@@ -519,6 +519,13 @@ fn status(cfg: &Config, json: bool) -> u8 {
             let _ = writeln!(out, "agent:    not running (state from the store)");
         }
     }
+    if let Some(l) = &live {
+        let uplink = l
+            .uplink
+            .as_ref()
+            .map_or("none (no [mqtt] section)".to_string(), |u| u.line());
+        let _ = writeln!(out, "uplink:   {uplink}");
+    }
     let _ = writeln!(
         out,
         "features: newest {}",

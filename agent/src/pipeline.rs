@@ -406,16 +406,34 @@ impl UplinkSlot {
     /// Starts the uplink of `config` (none without `[mqtt]`, or when it
     /// cannot be built).
     fn start(&mut self, config: &Config) {
-        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let generation = {
+            // Under the status lock, so a follower of the previous uplink
+            // cannot write its state over this one's.
+            let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            s.uplink = config.mqtt.as_ref().map(|m| {
+                control::UplinkLive::from_state(
+                    &control::broker_url(m.tls, &m.host, m.port),
+                    &crate::sync::uplink::UplinkState::Connecting,
+                    now_ms(),
+                )
+            });
+            self.generation.fetch_add(1, Ordering::SeqCst) + 1
+        };
         self.connected.send_replace(false);
-        if config.mqtt.is_none() {
+        let Some(mqtt) = config.mqtt.as_ref() else {
             // No uplink: nothing new goes to the outbox; what is in it stays.
             self.store.configure_outbox(None);
             return;
-        }
+        };
+        let broker = control::broker_url(mqtt.tls, &mqtt.host, mqtt.port);
         let token = self.shutdown.child_token();
-        let Some((running, mut connected)) = start_uplink(self, config, token) else {
-            return;
+        let (running, mut connected, state) = match start_uplink(self, config, token) {
+            Ok(started) => started,
+            Err(e) => {
+                let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                s.uplink = Some(control::UplinkLive::not_started(&broker, &e));
+                return;
+            }
         };
         let follow = self.connected.clone();
         let current = self.generation.clone();
@@ -431,6 +449,13 @@ impl UplinkSlot {
                 }
             }
         });
+        tokio::spawn(follow_state(
+            state,
+            broker,
+            self.status.clone(),
+            self.generation.clone(),
+            generation,
+        ));
         self.running = Some(running);
     }
 
@@ -455,16 +480,50 @@ impl UplinkSlot {
     }
 }
 
+/// Copies the uplink's state into the live status (what `outpost status`
+/// shows) until the uplink of `generation` is replaced or gone.
+async fn follow_state(
+    mut state: tokio::sync::watch::Receiver<crate::sync::uplink::UplinkState>,
+    broker: String,
+    status: SharedStatus,
+    current: Arc<AtomicU64>,
+    generation: u64,
+) {
+    loop {
+        let live = control::UplinkLive::from_state(&broker, &state.borrow_and_update(), now_ms());
+        {
+            let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+            if current.load(Ordering::SeqCst) != generation {
+                return;
+            }
+            s.uplink = Some(live);
+        }
+        if state.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The uplink task, its connection flag and its state.
+type StartedUplink = (
+    RunningUplink,
+    tokio::sync::watch::Receiver<bool>,
+    tokio::sync::watch::Receiver<crate::sync::uplink::UplinkState>,
+);
+
 /// Builds and spawns the MQTT uplink of `config` (which has `[mqtt]`). A
-/// broken TLS file or password file is logged and the agent runs without
-/// the uplink: detection and remediation do not depend on it.
+/// broken TLS file or password file is logged (and returned, for status)
+/// and the agent runs without the uplink: detection and remediation do not
+/// depend on it.
 fn start_uplink(
     slot: &UplinkSlot,
     config: &Config,
     token: CancellationToken,
-) -> Option<(RunningUplink, tokio::sync::watch::Receiver<bool>)> {
+) -> Result<StartedUplink, String> {
     use crate::sync::{command, uplink};
-    let mqtt = config.mqtt.as_ref()?;
+    let Some(mqtt) = config.mqtt.as_ref() else {
+        return Err("no [mqtt] section".to_string());
+    };
     let started_ms = slot
         .status
         .lock()
@@ -475,7 +534,7 @@ fn start_uplink(
         Ok(u) => u,
         Err(e) => {
             tracing::error!(error = %e, "mqtt uplink not started; running without it");
-            return None;
+            return Err(e.to_string());
         }
     };
     let ctx = command::CommandContext {
@@ -514,14 +573,16 @@ fn start_uplink(
         "mqtt uplink starting"
     );
     let connected = up.connected();
+    let state = up.state();
     let task = tokio::spawn(up.run(view, Some(handler), token.clone()));
-    Some((
+    Ok((
         RunningUplink {
             task,
             token,
             telemetry,
         },
         connected,
+        state,
     ))
 }
 

@@ -192,21 +192,32 @@ impl Drop for Agent {
     }
 }
 
-/// `outpost status --json` of the running agent: its live sample count.
-fn live_samples(config: &Path) -> u64 {
-    let out = Command::new(outpost())
-        .args(["status", "--json", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
+/// `outpost status` of the running agent, with `--json` or without.
+fn status_output(config: &Path, json: bool) -> String {
+    let mut cmd = Command::new(outpost());
+    cmd.arg("status");
+    if json {
+        cmd.arg("--json");
+    }
+    let out = cmd.arg("--config").arg(config).output().unwrap();
     assert!(
         out.status.success(),
         "outpost status: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `outpost status --json` of the running agent: its live view.
+fn live_status(config: &Path) -> Value {
+    let v: Value = serde_json::from_str(&status_output(config, true)).unwrap();
     assert_eq!(v["running"], true, "{v}");
-    v["live"]["samples"].as_u64().unwrap()
+    v["live"].clone()
+}
+
+/// The running agent's live sample count.
+fn live_samples(config: &Path) -> u64 {
+    live_status(config)["samples"].as_u64().unwrap()
 }
 
 /// The node's audit row ids (`outpost actions --json`).
@@ -975,6 +986,27 @@ fn a_refused_password_is_reported_retried_with_backoff_and_a_fixed_file_is_used_
         "{attempts} CONNECTs in {window:?}: the backoff does not grow on refusals\nbroker log:\n{}",
         broker.log_text()
     );
+    // Clear state, in `outpost status`: down, why, how often, when next.
+    let uplink = live_status(&config)["uplink"].clone();
+    assert_eq!(uplink["state"], "down", "{uplink}");
+    assert_eq!(uplink["kind"], "auth refused", "{uplink}");
+    assert!(
+        uplink["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("not authorized (CONNACK 5)")),
+        "{uplink}"
+    );
+    assert!(uplink["failures"].as_u64().unwrap() >= 2, "{uplink}");
+    assert!(uplink["retry_in_s"].as_u64().unwrap() <= 8, "{uplink}");
+    assert_eq!(uplink["broker"], broker.url(), "{uplink}");
+    let human = status_output(&config, false);
+    assert!(
+        human.lines().any(|l| l
+            .starts_with("uplink:   down (auth refused: not authorized (CONNACK 5)")
+            && l.contains(" failures, ")
+            && l.ends_with(&format!("; broker {}", broker.url()))),
+        "no uplink line in `outpost status`:\n{human}"
+    );
     // Local work goes on: samples and audit rows, none of them delivered.
     assert!(live_samples(&config) >= samples_before + 50);
     assert!(audit_ids(&config).len() > audit_before);
@@ -999,6 +1031,26 @@ fn a_refused_password_is_reported_retried_with_backoff_and_a_fixed_file_is_used_
     );
     assert!(agent.alive());
     assert_eq!(agent.pid(), pid, "not restarted");
+    // Status follows: connected, no reason, no retry pending.
+    let uplink = wait_until(
+        "outpost status says connected",
+        WAIT,
+        || format!("{}", live_status(&config)["uplink"]),
+        || {
+            let u = live_status(&config)["uplink"].clone();
+            (u["state"] == "connected").then_some(u)
+        },
+    );
+    assert!(uplink["reason"].is_null(), "{uplink}");
+    assert!(uplink["retry_in_s"].is_null(), "{uplink}");
+    assert_eq!(uplink["broker"], broker.url(), "{uplink}");
+    let human = status_output(&config, false);
+    assert!(
+        human
+            .lines()
+            .any(|l| l == format!("uplink:   connected to {}", broker.url())),
+        "{human}"
+    );
     drop(flapper);
     thread::sleep(Duration::from_secs(1));
     let audit = audit_ids(&config);

@@ -69,7 +69,9 @@ pub struct MqttConfig {
     /// Client certificate and key (PEM) for mTLS, both or neither.
     pub client_auth: Option<(PathBuf, PathBuf)>,
     pub username: Option<String>,
-    /// Read when the uplink starts ([`MqttConfig::password`]).
+    /// Read when the uplink starts ([`MqttConfig::password`]) and again
+    /// before every reconnect, so a rotated password is used without a
+    /// restart; while it cannot be read, the last password read is used.
     pub password_file: Option<PathBuf>,
     pub client_id: String,
     pub keepalive: Duration,
