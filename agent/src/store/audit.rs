@@ -307,7 +307,7 @@ pub fn open_incident(
 pub fn close_incident(conn: &Connection, id: i64, closed_ms: i64) -> Result<(), StoreError> {
     durable_transaction(conn, |tx| {
         tx.execute(
-            "UPDATE incidents SET closed_ms = ?2 WHERE id = ?1 AND closed_ms IS NULL",
+            "UPDATE incidents SET closed_ms = MAX(?2, opened_ms) WHERE id = ?1 AND closed_ms IS NULL",
             params![id, closed_ms],
         )?;
         Ok(())
@@ -319,7 +319,7 @@ pub fn close_incident(conn: &Connection, id: i64, closed_ms: i64) -> Result<(), 
 pub fn close_detector_incidents(conn: &Connection, closed_ms: i64) -> Result<usize, StoreError> {
     durable_transaction(conn, |tx| {
         Ok(tx.execute(
-            "UPDATE incidents SET closed_ms = ?1
+            "UPDATE incidents SET closed_ms = MAX(?1, opened_ms)
              WHERE closed_ms IS NULL AND json_extract(explanation, '$.detector') IS NOT NULL",
             params![closed_ms],
         )?)
@@ -462,7 +462,7 @@ impl Store {
                 w.with_room(|w| {
                     durable_transaction(w.conn(), |tx| {
                         let n = tx.execute(
-                        "UPDATE incidents SET closed_ms = ?2 WHERE id = ?1 AND closed_ms IS NULL",
+                        "UPDATE incidents SET closed_ms = MAX(?2, opened_ms) WHERE id = ?1 AND closed_ms IS NULL",
                         params![id, closed_ms],
                     )?;
                         if n == 0 {
@@ -602,6 +602,13 @@ mod tests {
         let all = incidents(&c, 10).expect("list");
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].closed_ms, Some(20));
+        // The wall clock stepped back between open and close: the close is
+        // clamped to the open time, never before it.
+        let id =
+            open_incident(&c, "web", 5_000, 1.0, &serde_json::json!({"rule": "r"})).expect("open");
+        close_incident(&c, id, 1_000).expect("close");
+        let all = incidents(&c, 10).expect("list");
+        assert_eq!(all[1].closed_ms, Some(5_000));
         assert_eq!(load_guard(&c, "engine").expect("load"), None);
         save_guard(&c, "engine", "{\"a\":1}", 5).expect("save");
         save_guard(&c, "engine", "{\"a\":2}", 6).expect("save");
