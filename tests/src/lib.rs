@@ -2,7 +2,9 @@
 //! the real servers it needs and tears them down, and fails loudly when it
 //! cannot.
 
+pub mod agent;
 pub mod apt;
+pub mod fleet;
 pub mod mosquitto;
 pub mod nspawn;
 pub mod podman;

@@ -24,11 +24,13 @@
 // Test helpers fail loudly.
 #![allow(clippy::unwrap_used)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
+// `now_ms` is the test's own (real) wall clock: this process is not
+// preloaded.
+use outpost_tests::agent::{free_port, now_ms as real_ms, outpost, try_actions, verify_chain};
 use serde_json::Value;
 
 const HOUR_MS: i64 = 3_600_000;
@@ -38,18 +40,6 @@ const SLACK_MS: i64 = 2_000;
 /// A generous deadline for anything the agent should do within seconds.
 const WAIT: Duration = Duration::from_secs(30);
 const COOLDOWN: Duration = Duration::from_secs(5);
-
-fn outpost() -> PathBuf {
-    outpost_tests::nspawn::outpost_binary().expect("the outpost binary")
-}
-
-/// The test's own (real) wall clock: this process is not preloaded.
-fn real_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 /// libfaketime.so.1 from Debian's package (installed with apt if missing).
 fn libfaketime() -> PathBuf {
@@ -111,77 +101,47 @@ impl FakeClock {
 
 /// The real daemon under the fake clock, its stderr in `agent-N.log`;
 /// killed on drop if a test fails before stopping it.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-}
+struct Agent(outpost_tests::agent::Agent);
 
 impl Agent {
     fn start(config: &Path, clock: &FakeClock, n: u32) -> Agent {
-        let log = config.with_file_name(format!("agent-{n}.log"));
-        let file = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(outpost());
         cmd.args(["--log-format", "text", "run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
             .env_remove("NOTIFY_SOCKET")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file);
+            .env_remove("JOURNAL_STREAM");
         clock.apply(&mut cmd);
-        let child = cmd.spawn().expect("start outpost");
-        Agent { child, log }
+        let log = config.with_file_name(format!("agent-{n}.log"));
+        Agent(outpost_tests::agent::Agent::spawn(cmd, log))
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.0.log()
     }
 
     /// Fails the test when the agent has exited.
     fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("outpost exited ({status}):\n{}", self.log());
-        }
+        self.0.assert_running();
     }
 
     /// SIGTERM, and a clean exit within 10 s.
     fn stop(mut self) {
         self.assert_running();
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "outpost exited {status}:\n{}", self.log());
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("outpost did not stop on SIGTERM:\n{}", self.log());
+        let status = self.0.terminate();
+        assert!(status.success(), "outpost exited {status}:\n{}", self.log());
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.0.kill9();
         // libfaketime removes its shared memory on a clean exit only; what
         // a killed agent leaves would trip a later process with its pid.
-        let pid = self.child.id();
+        let pid = self.0.pid();
         let _ = std::fs::remove_file(format!("/dev/shm/faketime_shm_{pid}"));
         let _ = std::fs::remove_file(format!("/dev/shm/sem.faketime_sem_{pid}"));
     }
-}
-
-fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A host target probed on a closed port and one rule on its failure that
@@ -225,7 +185,7 @@ max_actions_per_hour = 10
 approval_timeout = "6s"
 "#,
             state = dir.join("state").display(),
-            port = closed_port(),
+            port = free_port(),
             marks = dir.join("marks").display(),
         ),
     )
@@ -244,20 +204,8 @@ fn marks(dir: &Path) -> Vec<f64> {
 
 /// The whole audit trail (`outpost actions --json`).
 fn actions(config: &Path) -> Vec<Value> {
-    let out = Command::new(outpost())
-        .args(["actions", "--json", "--limit", "100000", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        // The store may not exist yet right after the start.
-        return Vec::new();
-    }
-    serde_json::from_slice::<Value>(&out.stdout)
-        .unwrap()
-        .as_array()
-        .cloned()
-        .unwrap()
+    // The store may not exist yet right after the start.
+    try_actions(config, 100_000).unwrap_or_default()
 }
 
 fn count(rows: &[Value], decision: &str) -> usize {
@@ -273,21 +221,6 @@ fn nth<'a>(rows: &'a [Value], decision: &str, n: usize) -> &'a Value {
 
 fn ts(row: &Value) -> i64 {
     row["ts_ms"].as_i64().unwrap()
-}
-
-/// `outpost actions --verify-chain` exits 0.
-fn assert_chain_ok(config: &Path) {
-    let out = Command::new(outpost())
-        .args(["actions", "--verify-chain", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "audit chain: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Readings of the guard clock the agent persists with its engine state
@@ -503,7 +436,7 @@ fn cooldown_and_budget_hold_across_wall_clock_jumps() {
         );
     }
     assert_stamps_sane(&rows, start, 5 * HOUR_MS);
-    assert_chain_ok(&config);
+    verify_chain(&config);
     agent.stop();
 
     // A restart with the wall clock 3 h behind every stamp of the last run:
@@ -535,7 +468,7 @@ fn cooldown_and_budget_hold_across_wall_clock_jumps() {
         "{new}"
     );
     assert_stamps_sane(&rows_after, start, 5 * HOUR_MS);
-    assert_chain_ok(&config);
+    verify_chain(&config);
     guard.check();
 }
 
@@ -613,7 +546,7 @@ fn approval_expiry_holds_across_wall_clock_jumps() {
     assert_eq!(marks(dir).len(), 1);
     assert_eq!(count(&rows, "expired"), 1, "{rows:#?}");
     assert_stamps_sane(&rows, start, 3 * HOUR_MS);
-    assert_chain_ok(&config);
+    verify_chain(&config);
     agent.stop();
     guard.check();
 }

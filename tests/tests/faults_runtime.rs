@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use outpost_tests::nspawn::{outpost_binary, Systemd};
+use outpost_tests::agent::{check_config, outpost};
+use outpost_tests::nspawn::Systemd;
 use outpost_tests::podman::{self, Containers};
 use outpost_tests::remediation::{format_rows, parse_actions, AuditRow};
 use serde_json::Value;
@@ -46,7 +47,7 @@ impl Agent {
     /// checks it, and starts the agent as `wrap… outpost …` with `env`,
     /// then waits until its control socket answers.
     fn start(config: &str, wrap: &[&str], env: &[(&str, String)]) -> Agent {
-        let bin = outpost_binary().expect("outpost binary (cargo build -p outpost --bin outpost)");
+        let bin = outpost();
         let dir = tempfile::Builder::new()
             .prefix("outpost-faults-")
             .tempdir()
@@ -55,17 +56,7 @@ impl Agent {
         let config_path = dir.path().join("outpost.toml");
         let text = config.replace("{STATE_DIR}", &state.to_string_lossy());
         fs::write(&config_path, &text).expect("write config");
-        let check = Command::new(&bin)
-            .arg("check-config")
-            .arg(&config_path)
-            .output()
-            .expect("outpost check-config");
-        assert!(
-            check.status.success(),
-            "outpost check-config refused the test config:\n{}{}\n{text}",
-            String::from_utf8_lossy(&check.stdout),
-            String::from_utf8_lossy(&check.stderr)
-        );
+        check_config(&config_path);
         let log = dir.path().join("agent.log");
         let file = fs::File::create(&log).expect("log file");
         let mut cmd = match wrap.split_first() {

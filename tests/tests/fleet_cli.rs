@@ -19,20 +19,10 @@ use std::time::Duration;
 
 use outpost::control::{LiveStatus, Reply, Request};
 use outpost::sync::command::{handle, CommandContext, Scope, Shared};
+use outpost_tests::agent::{outpost, schema, Agent};
+use outpost_tests::fleet::{fleet, online, PREFIX};
 use outpost_tests::mosquitto::{publish, validate, Broker, Mode, Subscriber};
 use serde_json::json;
-
-const PREFIX: &str = "outpost/v1";
-
-fn outpost() -> PathBuf {
-    outpost_tests::nspawn::outpost_binary().expect("the outpost binary")
-}
-
-fn schema(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../schemas")
-        .join(name)
-}
 
 fn hex_id(n: u64) -> String {
     format!("{n:032x}")
@@ -187,7 +177,7 @@ impl Relay {
                             "node": node, "ts_ms": 1_765_000_000_000_i64,
                             "body": reply,
                         });
-                        validate(schema("reply.schema.json"), &msg)
+                        validate(schema("reply"), &msg)
                             .unwrap_or_else(|e| panic!("reply off schema: {e}\n{msg}"));
                         publish_to(port, &format!("{PREFIX}/nodes/{node}/reply"), &msg);
                     }
@@ -264,43 +254,11 @@ fn next_client() -> u64 {
     N.fetch_add(1, Ordering::SeqCst)
 }
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn fleet(broker: &Broker, args: &[&str]) -> Out {
-    let out = Command::new(outpost())
-        .arg("--log-format")
-        .arg("text")
-        .arg("fleet")
-        .arg("--broker")
-        .arg(broker.url())
-        .args(args)
-        .output()
-        .unwrap();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
+/// `outpost fleet keygen`, and what it makes: an ed25519 public key line
+/// and a key file only its owner reads.
 fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
     use std::os::unix::fs::PermissionsExt as _;
-    let path = dir.join(name);
-    let out = Command::new(outpost())
-        .args(["fleet", "keygen", "--out"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let public = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let (path, public) = outpost_tests::fleet::keygen(dir, name);
     assert!(
         public.starts_with("ed25519:") && public.len() == 52,
         "{public}"
@@ -325,7 +283,7 @@ fn keygen_nodes_and_signed_round_trips_through_mosquitto() {
         ("node-c", None, false, 0),
     ] {
         let m = state_msg(node, group, online, incidents);
-        validate(schema("state.schema.json"), &m).unwrap();
+        validate(schema("state"), &m).unwrap();
         publish(
             &broker,
             &format!("{PREFIX}/nodes/{node}/state"),
@@ -536,16 +494,6 @@ fn nodes_lists_10000_retained_states_within_2_seconds() {
     assert!(took < Duration::from_secs(2), "took {took:?}");
 }
 
-/// The real daemon, killed on drop.
-struct Agent(std::process::Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn the_real_agent_takes_signed_commands_from_outpost_fleet() {
     let broker = Broker::start(Mode::Plain).unwrap();
@@ -562,25 +510,11 @@ fn the_real_agent_takes_signed_commands_from_outpost_fleet() {
         broker.mqtt_toml()
     );
     std::fs::write(&config, &toml).unwrap();
-    let _agent = Agent(
-        Command::new(outpost())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut cmd = Command::new(outpost());
+    cmd.args(["run", "--config"]).arg(&config);
+    let _agent = Agent::spawn(cmd, dir.path().join("agent.log"));
     let sub = Subscriber::connect(&broker, &[&format!("{PREFIX}/nodes/real-1/state")]).unwrap();
-    sub.wait_for(
-        |m| {
-            m.iter()
-                .any(|m| m.json().is_ok_and(|v| v["body"]["online"] == true))
-        },
-        Duration::from_secs(20),
-    )
-    .unwrap();
+    sub.wait_for(online, Duration::from_secs(20)).unwrap();
 
     // The table shows it online, in its group.
     let out = fleet(&broker, &["nodes", "--json"]);

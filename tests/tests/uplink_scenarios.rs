@@ -14,142 +14,32 @@
 // Test helpers fail loudly.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::process::Command;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use outpost_tests::mosquitto::{publish, validate, Broker, Mode, Msg, Subscriber};
+use outpost_tests::agent::{
+    actions, now_ms, outpost, write_probed_node, Agent, Flapper, LogFormat,
+};
+use outpost_tests::fleet::{
+    check_seqs, event_audit_ids, fleet, kept_subscriber, keygen, online, Gaps, PREFIX,
+};
+use outpost_tests::mosquitto::{publish, Broker, Mode, Msg, Subscriber};
 use serde_json::{json, Value};
 
-const PREFIX: &str = "outpost/v1";
 const WAIT: Duration = Duration::from_secs(30);
-
-fn outpost() -> PathBuf {
-    outpost_tests::nspawn::outpost_binary().expect("the outpost binary")
-}
-
-fn schema(kind: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../schemas/{kind}.schema.json"))
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-/// The real daemon (`outpost run --config FILE`), its stderr in
-/// `agent.log` beside the config; killed with SIGKILL on drop.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn start(config: &Path) -> Agent {
-        let log = config.with_file_name("agent.log");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = Command::new(outpost())
-            .args(["--log-format", "text", "run", "--config"])
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("start outpost");
-        Agent { child, log }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Its log, for failure messages.
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// Opens and closes a TCP listener on a loopback port, one second each,
-/// until dropped: a probe of that port fails every other second.
-struct Flapper {
-    port: u16,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Flapper {
-    fn start() -> Flapper {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = thread::spawn(move || {
-            while !flag.load(Ordering::SeqCst) {
-                // Another process may hold the port for a moment: then this
-                // second simply fails too.
-                let listener = TcpListener::bind(("127.0.0.1", port)).ok();
-                thread::sleep(Duration::from_secs(1));
-                drop(listener);
-                thread::sleep(Duration::from_secs(1));
-            }
-        });
-        Flapper {
-            port,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Flapper {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// A config for node `node` on `broker` with a target `web` probed on
 /// `port` and a `suggest` rule on its failures; `extra` is appended.
 fn write_config(dir: &Path, node: &str, broker: &Broker, port: u16, extra: &str) -> PathBuf {
-    let config = dir.join("outpost.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\nnode_id = \"{node}\"\nstate_dir = \"{}\"\nsample_interval_ms = 200\n\n\
-             [[target]]\nname = \"web\"\nkind = \"host\"\n\
-             probe = {{ tcp = \"127.0.0.1:{port}\", interval_ms = 200, timeout_ms = 100 }}\n\n\
-             [[rule]]\nname = \"web-down\"\ntarget = \"web\"\nwhen = \"probe_failed\"\n\
-             do = \"notify\"\nmode = \"suggest\"\ncooldown = \"1s\"\n\n\
-             {}reconnect_min = \"200ms\"\nreconnect_max = \"1s\"\n{extra}",
-            dir.join("state").display(),
-            broker.mqtt_toml()
-        ),
-    )
-    .unwrap();
-    config
+    let uplink = format!(
+        "{}reconnect_min = \"200ms\"\nreconnect_max = \"1s\"\n{extra}",
+        broker.mqtt_toml()
+    );
+    write_probed_node(dir, node, port, &uplink)
 }
 
 fn json_of(m: &Msg) -> Value {
@@ -160,91 +50,12 @@ fn is_event(v: &Value) -> bool {
     v["type"] == "event"
 }
 
-/// The audit ids of the `action.*` events among `msgs`.
-fn event_audit_ids(msgs: &[Msg]) -> BTreeSet<u64> {
-    msgs.iter()
-        .filter_map(|m| m.json().ok())
-        .filter(|v| {
-            is_event(v)
-                && v["body"]["event"]
-                    .as_str()
-                    .unwrap_or("")
-                    .starts_with("action.")
-        })
-        .filter_map(|v| v["body"]["audit_id"].as_u64())
-        .collect()
-}
-
 /// The node's audit rows (`outpost actions --json`): id and ts_ms.
 fn audit_rows(config: &Path) -> Vec<(u64, i64)> {
-    let out = Command::new(outpost())
-        .args(["actions", "--json", "--limit", "100000", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "outpost actions: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
-    rows.as_array()
-        .unwrap()
+    actions(config, 100_000)
         .iter()
         .map(|r| (r["id"].as_u64().unwrap(), r["ts_ms"].as_i64().unwrap()))
         .collect()
-}
-
-/// Checks what a subscriber got from one node: every message is JSON that
-/// matches its schema; a (node, seq) seen twice is the same message (same
-/// id); the first copies arrive in seq order; and the seqs from the first
-/// to the last have no gap. Returns the distinct seqs.
-fn check_seq_space(msgs: &[Msg], node: &str) -> BTreeSet<u64> {
-    let mut by_seq: BTreeMap<u64, Value> = BTreeMap::new();
-    let mut first_order = Vec::new();
-    for m in msgs {
-        let v = json_of(m);
-        let kind = v["type"].as_str().unwrap().to_string();
-        validate(schema(&kind), &v).unwrap_or_else(|e| panic!("{kind}: {e}"));
-        assert_eq!(v["node"], node);
-        let Some(seq) = v["seq"].as_u64() else {
-            continue; // the last will
-        };
-        match by_seq.get(&seq) {
-            Some(seen) => assert_eq!(seen["id"], v["id"], "seq {seq} names two messages"),
-            None => {
-                first_order.push(seq);
-                by_seq.insert(seq, v);
-            }
-        }
-    }
-    assert!(
-        first_order.windows(2).all(|w| w[0] < w[1]),
-        "not in seq order: {first_order:?}"
-    );
-    let seqs: BTreeSet<u64> = by_seq.keys().copied().collect();
-    let (lo, hi) = (*seqs.first().unwrap(), *seqs.last().unwrap());
-    let missing: Vec<u64> = (lo..=hi).filter(|s| !seqs.contains(s)).collect();
-    assert!(missing.is_empty(), "gaps in seq {lo}..={hi}: {missing:?}");
-    seqs
-}
-
-/// A subscriber whose session the broker keeps (clean session off, stable
-/// client id) across its own restarts, so nothing published while the
-/// subscriber is away is lost.
-fn persistent_subscriber(broker: &Broker, node: &str) -> Subscriber {
-    let mut opts = broker
-        .client()
-        .with_id(&format!("scenario-{node}-{}", std::process::id()));
-    opts.clean_session = false;
-    Subscriber::connect_with(broker, &opts, &[&format!("{PREFIX}/nodes/{node}/#")]).unwrap()
-}
-
-fn online(msgs: &[Msg]) -> bool {
-    msgs.iter().any(|m| {
-        m.json()
-            .is_ok_and(|v| v["type"] == "state" && v["body"]["online"] == true)
-    })
 }
 
 // ---- 1. connection modes ------------------------------------------------
@@ -254,14 +65,14 @@ fn online(msgs: &[Msg]) -> bool {
 fn agent_delivers_over(mode: Mode) {
     let broker = Broker::start(mode).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let flapper = Flapper::start();
+    let flapper = Flapper::start(Duration::from_secs(1));
     let config = write_config(dir.path(), "node-a", &broker, flapper.port, "");
     let sub = Subscriber::connect(&broker, &[&format!("{PREFIX}/nodes/node-a/#")]).unwrap();
-    let agent = Agent::start(&config);
+    let agent = Agent::start(&config, LogFormat::Text);
     let msgs = sub
         .wait_for(|m| online(m) && event_audit_ids(m).len() >= 2, WAIT)
         .unwrap_or_else(|e| panic!("{mode:?}: {e}\nagent log:\n{}", agent.log()));
-    check_seq_space(&msgs, "node-a");
+    check_seqs(&msgs, "node-a", Gaps::NoneFromFirst);
     drop(flapper);
 }
 
@@ -286,7 +97,7 @@ fn a_minute_without_the_broker_loses_no_event_and_leaves_no_gap() {
     const NODE: &str = "outage-1";
     let mut broker = Broker::start(Mode::Plain).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let flapper = Flapper::start();
+    let flapper = Flapper::start(Duration::from_secs(1));
     let config = write_config(
         dir.path(),
         NODE,
@@ -294,8 +105,8 @@ fn a_minute_without_the_broker_loses_no_event_and_leaves_no_gap() {
         flapper.port,
         "summary_interval = \"5s\"\n",
     );
-    let sub = persistent_subscriber(&broker, NODE);
-    let agent = Agent::start(&config);
+    let sub = kept_subscriber(&broker, NODE, "scenario");
+    let agent = Agent::start(&config, LogFormat::Text);
     sub.wait_for(|m| online(m) && event_audit_ids(m).len() >= 2, WAIT)
         .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
 
@@ -325,7 +136,7 @@ fn a_minute_without_the_broker_loses_no_event_and_leaves_no_gap() {
     let msgs = sub
         .wait_for(|m| event_audit_ids(m).is_superset(&all), WAIT)
         .unwrap_or_else(|e| panic!("missing events of audit rows {all:?}: {e}"));
-    let seqs = check_seq_space(&msgs, NODE);
+    let seqs = check_seqs(&msgs, NODE, Gaps::NoneFromFirst);
     // Every event is in the node's seq space, and the outage's were queued,
     // not lost.
     let events = msgs.iter().map(json_of).filter(is_event).count();
@@ -353,10 +164,10 @@ fn events_queued_when_the_agent_is_killed_arrive_after_its_restart() {
     const NODE: &str = "killed-1";
     let mut broker = Broker::start(Mode::Plain).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let flapper = Flapper::start();
+    let flapper = Flapper::start(Duration::from_secs(1));
     let config = write_config(dir.path(), NODE, &broker, flapper.port, "");
-    let sub = persistent_subscriber(&broker, NODE);
-    let mut agent = Agent::start(&config);
+    let sub = kept_subscriber(&broker, NODE, "scenario");
+    let mut agent = Agent::start(&config, LogFormat::Text);
     sub.wait_for(online, WAIT)
         .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
 
@@ -381,7 +192,7 @@ fn events_queued_when_the_agent_is_killed_arrive_after_its_restart() {
     );
 
     broker.restart().unwrap();
-    let agent = Agent::start(&config);
+    let agent = Agent::start(&config, LogFormat::Text);
     let msgs = sub
         .wait_for(|m| event_audit_ids(m).is_superset(&queued), WAIT)
         .unwrap_or_else(|e| {
@@ -390,46 +201,11 @@ fn events_queued_when_the_agent_is_killed_arrive_after_its_restart() {
                 agent.log()
             )
         });
-    check_seq_space(&msgs, NODE);
+    check_seqs(&msgs, NODE, Gaps::NoneFromFirst);
     drop(flapper);
 }
 
 // ---- 4. commands to the real agent --------------------------------------
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn fleet(broker: &Broker, args: &[&str]) -> Out {
-    let out = Command::new(outpost())
-        .args(["--log-format", "text", "fleet", "--broker"])
-        .arg(broker.url())
-        .args(args)
-        .output()
-        .unwrap();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// `outpost fleet keygen`: the key file and its public line.
-fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
-    let path = dir.join(name);
-    let out = Command::new(outpost())
-        .args(["fleet", "keygen", "--out"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    (
-        path,
-        String::from_utf8(out.stdout).unwrap().trim().to_string(),
-    )
-}
 
 /// A node with trusted key `public`, online on `broker`, and a subscriber
 /// to its replies.
@@ -454,7 +230,7 @@ fn commanded_node(
         .collect();
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     let sub = Subscriber::connect(broker, &topics).unwrap();
-    let agent = Agent::start(&config);
+    let agent = Agent::start(&config, LogFormat::Text);
     sub.wait_for(online, WAIT)
         .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
     (agent, config, sub)
@@ -577,7 +353,7 @@ fn refused_commands_get_an_error_reply_and_change_nothing() {
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["result"]["paused"], false);
     // Every reply was a schema-valid message of the node.
-    check_seq_space(&sub.messages(), NODE);
+    check_seqs(&sub.messages(), NODE, Gaps::NoneFromFirst);
 }
 
 // ---- 5. push-model -------------------------------------------------------
@@ -764,10 +540,10 @@ fn fleet_watch_json_prints_the_agents_events_live() {
     const NODE: &str = "watched-1";
     let broker = Broker::start(Mode::Plain).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let flapper = Flapper::start();
+    let flapper = Flapper::start(Duration::from_secs(1));
     let config = write_config(dir.path(), NODE, &broker, flapper.port, "");
     let sub = Subscriber::connect(&broker, &[&format!("{PREFIX}/nodes/{NODE}/#")]).unwrap();
-    let agent = Agent::start(&config);
+    let agent = Agent::start(&config, LogFormat::Text);
     sub.wait_for(online, WAIT)
         .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
     let start = Instant::now();
