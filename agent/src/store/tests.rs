@@ -96,6 +96,27 @@ fn handles_are_send_and_sync() {
     check::<Store>();
 }
 
+/// SECURITY.md's file table: the state directory is the agent's alone
+/// (0700) and the database and its WAL are readable by the agent only
+/// (0600), whatever the umask allows.
+#[tokio::test]
+async fn state_dir_and_database_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = test_config(dir.path());
+    let store = Store::open(&cfg).expect("open");
+    let n = names(&["a"]);
+    store.record_features(fv(1, &n, vec![1.0]));
+    store.flush().await.expect("flush");
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&cfg.agent.state_dir), 0o700, "state directory");
+    assert_eq!(mode(&cfg.db_path()), 0o600, "database");
+    let wal = cfg.db_path().with_extension("db-wal");
+    assert!(wal.exists(), "the flush left a WAL");
+    assert_eq!(mode(&wal), 0o600, "WAL");
+    store.close().await.expect("close");
+}
+
 #[tokio::test]
 async fn malformed_vector_is_dropped_not_retried_forever() {
     let dir = tempfile::tempdir().expect("tempdir");
