@@ -37,14 +37,8 @@ SKIP=${SKIP:-}
 # (the budget is measured in release).
 OUTPOST=${OUTPOST:-target/release/outpost}
 
-need=()
-command -v mosquitto >/dev/null || need+=(mosquitto)
-command -v mosquitto_sub >/dev/null || need+=(mosquitto-clients)
-command -v python3 >/dev/null || need+=(python3)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+. benches/lib.sh
+install_missing mosquitto:mosquitto mosquitto_sub:mosquitto-clients python3:python3
 # One socket per node in the simulator, one per node in mosquitto (which
 # inherits this limit).
 ulimit -n "$(ulimit -Hn)"
@@ -62,7 +56,7 @@ simdir=$SIM_PROFILE; [ "$SIM_PROFILE" = dev ] && simdir=debug
 sim=target/$simdir/examples/fleet_sim
 
 machine() {
-  echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg), RLIMIT_NOFILE $(ulimit -n), $(mosquitto -h 2>/dev/null | head -1)"
+  echo "machine: $(machine_line), RLIMIT_NOFILE $(ulimit -n), $(mosquitto -h 2>/dev/null | head -1)"
 }
 machine
 
@@ -88,7 +82,6 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 HTTP_PORT=$(free_port); MQTT_PORT=$(free_port)
 mkdir -p "$work/www" && echo ok > "$work/www/healthz"
 (cd "$work/www" && exec python3 -m http.server "$HTTP_PORT" --bind 127.0.0.1 >/dev/null 2>&1) & pids+=($!)
@@ -139,8 +132,6 @@ mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -t 'outpost/v1/nodes/bench-mqtt/#' -v
 "$OUTPOST" --log-format text run --config "$work/plain.toml" 2>"$work/plain.log" & PLAIN=$!; pids+=($PLAIN)
 "$OUTPOST" --log-format text run --config "$work/mqtt.toml" 2>"$work/mqtt.log" & MQTT=$!; pids+=($MQTT)
 
-ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-kib() { awk -v k="$2:" '$1==k{print $2}' "/proc/$1/status"; }
 echo "warming up ${AGENT_WARMUP}s" >&2
 sleep "$AGENT_WARMUP"
 t_plain=$(ticks $PLAIN); t_mqtt=$(ticks $MQTT)

@@ -11,15 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WARMUP=${WARMUP:-60}
 MEASURE=${MEASURE:-120}
+. benches/lib.sh
 
-need=()
-command -v prometheus-node-exporter >/dev/null || need+=(prometheus-node-exporter)
-command -v monit >/dev/null || need+=(monit)
-command -v curl >/dev/null || need+=(curl)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+install_missing prometheus-node-exporter:prometheus-node-exporter monit:monit curl:curl
 cargo build --release --locked -p outpost --bin outpost >/dev/null
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/outpost-bench.XXXXXX")
@@ -27,7 +21,6 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 HTTP_PORT=$(free_port); NE_PORT=$(free_port); MONIT_PORT=$(free_port)
 
 # A service for the probes to check.
@@ -87,12 +80,6 @@ monit -I -c "$work/monitrc" >/dev/null 2>&1 & MONIT=$!; pids+=($MONIT)
 target/release/outpost --log-format text run --config "$work/outpost.toml" 2>"$work/outpost.log" & OUTPOST=$!; pids+=($OUTPOST)
 ( while sleep 1; do curl -s -o /dev/null "http://127.0.0.1:$NE_PORT/metrics"; done ) & pids+=($!)
 
-ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-wbytes() { awk '/^write_bytes/{print $2}' "/proc/$1/io"; }
-wchar() { awk '/^wchar/{print $2}' "/proc/$1/io"; }
-rss_kib() { awk '/^VmRSS/{print $2}' "/proc/$1/status"; }
-hwm_kib() { awk '/^VmHWM/{print $2}' "/proc/$1/status"; }
-
 echo "warming up ${WARMUP}s" >&2
 sleep "$WARMUP"
 declare -A t0 w0 c0
@@ -104,11 +91,11 @@ printf '| daemon | RSS MiB | peak RSS MiB | CPU %% of one core | disk bytes writ
 for entry in "outpost:$OUTPOST" "prometheus-node-exporter (scraped 1 Hz):$NE" "monit (1 s cycle, 1 HTTP check):$MONIT"; do
   name=${entry%:*}; p=${entry##*:}
   dt=$(( $(ticks $p) - t0[$p] )); dw=$(( $(wbytes $p) - w0[$p] )); dc=$(( $(wchar $p) - c0[$p] ))
-  awk -v n="$name" -v rss="$(rss_kib $p)" -v hwm="$(hwm_kib $p)" -v dt="$dt" -v hz="$hz" -v s="$MEASURE" -v dw="$dw" -v dc="$dc" \
+  awk -v n="$name" -v rss="$(kib $p VmRSS)" -v hwm="$(kib $p VmHWM)" -v dt="$dt" -v hz="$hz" -v s="$MEASURE" -v dw="$dw" -v dc="$dc" \
     'BEGIN{printf "| %s | %.1f | %.1f | %.2f | %.1f MB | %.1f MB |\n", n, rss/1024, hwm/1024, 100*dt/hz/s, dw*86400/s/1e6, dc*86400/s/1e6}'
 done
 echo
-echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), warm-up ${WARMUP}s, measured ${MEASURE}s"
+echo "machine: $(machine_line), warm-up ${WARMUP}s, measured ${MEASURE}s"
 echo "outpost log lines at WARN/ERROR:"; grep -E ' (WARN|ERROR) ' "$work/outpost.log" | head -5 || true
 ls -l "$work/state" | sed 's/^/  /'
 if [ -n "${KEEP_DB:-}" ]; then cp "$work/state/outpost.db"* "$(dirname "$KEEP_DB")/" 2>/dev/null; cp "$work/state/outpost.db" "$KEEP_DB"; fi
