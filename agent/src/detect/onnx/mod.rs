@@ -16,6 +16,7 @@ pub mod signals;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
@@ -168,6 +169,41 @@ pub fn load_package(path: &Path) -> Result<LoadedModel, PackageError> {
     Ok(model)
 }
 
+/// The first output of `g` (or of a subgraph in it) that nothing in that
+/// graph produces. tract-onnx 0.23 looks graph outputs up by name without
+/// checking, and panics on such a graph; the release build aborts on a
+/// panic, so one bad package would take the whole agent down. Found by the
+/// `model_package` fuzz target (its input is in
+/// `agent/fuzz/regressions/model_package/`).
+fn unproduced_output(g: &tract_onnx::pb::GraphProto) -> Option<String> {
+    let mut produced: std::collections::HashSet<&str> =
+        g.input.iter().map(|i| i.name.as_str()).collect();
+    produced.extend(g.initializer.iter().map(|t| t.name.as_str()));
+    produced.extend(
+        g.sparse_initializer
+            .iter()
+            .filter_map(|t| t.values.as_ref())
+            .map(|t| t.name.as_str()),
+    );
+    for node in &g.node {
+        produced.extend(
+            node.output
+                .iter()
+                .filter(|o| !o.is_empty())
+                .map(String::as_str),
+        );
+        for a in &node.attribute {
+            if let Some(bad) = a.g.iter().chain(&a.graphs).find_map(unproduced_output) {
+                return Some(bad);
+            }
+        }
+    }
+    g.output
+        .iter()
+        .find(|o| !produced.contains(o.name.as_str()))
+        .map(|o| o.name.clone())
+}
+
 /// Parses, checks and optimizes the graph; spawns its state.
 fn build(at: &str, bytes: &[u8], m: &Manifest) -> Result<TypedSimpleState, PackageError> {
     let graph = |e: TractError| PackageError::Graph {
@@ -181,7 +217,19 @@ fn build(at: &str, bytes: &[u8], m: &Manifest) -> Result<TypedSimpleState, Packa
     let n = m.features.len();
     let mut onnx = tract_onnx::onnx();
     ops::register(&mut onnx);
-    let mut model = onnx.model_for_read(&mut &bytes[..]).map_err(graph)?;
+    let proto = onnx
+        .proto_model_for_read(&mut &bytes[..])
+        .context("Reading proto model")
+        .map_err(graph)?;
+    if let Some(name) = proto.graph.as_ref().and_then(unproduced_output) {
+        return Err(shape(format!(
+            "the graph's output {name:?} is produced by no node, input or initializer"
+        )));
+    }
+    let mut model = onnx
+        .model_for_proto_model(&proto)
+        .context("Translating proto model to model")
+        .map_err(graph)?;
 
     let inputs = model.input_outlets().map_err(graph)?.to_vec();
     let input_names: Vec<String> = inputs
@@ -478,5 +526,65 @@ impl Scorer for LoadedModel {
             .features
             .get(i)
             .map_or((f32::NAN, f32::NAN), |f| (f.low, f.high))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tract_onnx::pb::{AttributeProto, GraphProto, NodeProto, ValueInfoProto};
+
+    use super::unproduced_output;
+
+    fn value(name: &str) -> ValueInfoProto {
+        ValueInfoProto {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    fn node(input: &str, output: &str) -> NodeProto {
+        NodeProto {
+            op_type: "Relu".into(),
+            input: vec![input.into()],
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_output_nothing_produces_is_named() {
+        let mut g = GraphProto {
+            input: vec![value("input")],
+            node: vec![node("input", "score")],
+            output: vec![value("score")],
+            ..Default::default()
+        };
+        assert_eq!(unproduced_output(&g), None);
+        g.output.push(value("nowhere"));
+        assert_eq!(unproduced_output(&g).as_deref(), Some("nowhere"));
+        // A graph input may be an output too.
+        g.output = vec![value("input")];
+        assert_eq!(unproduced_output(&g), None);
+    }
+
+    #[test]
+    fn subgraphs_are_checked_too() {
+        let body = GraphProto {
+            output: vec![value("from_outside")],
+            ..Default::default()
+        };
+        let mut outer = node("input", "score");
+        outer.attribute.push(AttributeProto {
+            name: "then_branch".into(),
+            g: Some(body),
+            ..Default::default()
+        });
+        let g = GraphProto {
+            input: vec![value("input"), value("from_outside")],
+            node: vec![outer],
+            output: vec![value("score")],
+            ..Default::default()
+        };
+        assert_eq!(unproduced_output(&g).as_deref(), Some("from_outside"));
     }
 }
