@@ -40,8 +40,17 @@ export "CARGO_TARGET_${var}_LINKER=$gnu-gcc"
 export "CC_${target//-/_}=$gnu-gcc"
 export "AR_${target//-/_}=$gnu-ar"
 export "CFLAGS_${target//-/_}=${CROSS_CFLAGS:--O2}"
+# Linked by rust-lld, the LLVM linker that ships with the Rust toolchain
+# (and links x86_64 Linux binaries by default): Debian 12's cross ld cannot
+# pack relative relocations for ARM (agent/build.rs; it ignores the flag)
+# and has no identical-code folding (--icf=safe). A CARGO_TARGET_*_RUSTFLAGS
+# already in the environment wins.
+sysroot=$(rustc --print sysroot)
+host=$(rustc -vV | sed -n 's/^host: //p')
+rustflags="CARGO_TARGET_${var}_RUSTFLAGS"
+[ -n "${!rustflags:-}" ] || export "$rustflags=-Clink-arg=-fuse-ld=lld -Clink-arg=-B$sysroot/lib/rustlib/$host/bin/gcc-ld -Clink-arg=-Wl,--icf=safe"
 
 start=$(date +%s)
 cargo build --locked -p outpost --bin outpost --target "$target" --profile "$profile" "$@"
-bin="target/$target/$profile/outpost"
+bin="${CARGO_TARGET_DIR:-target}/$target/$profile/outpost"
 echo "cross/build.sh: $bin ($(stat -c %s "$bin") bytes, $(( $(date +%s) - start )) s, profile $profile)"
