@@ -15,6 +15,7 @@ pub mod demo;
 pub mod detect;
 pub mod fleet;
 pub mod logging;
+pub mod memtrim;
 pub mod model_cli;
 pub mod notify;
 pub mod pipeline;

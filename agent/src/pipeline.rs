@@ -129,6 +129,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ready_due: true,
     };
     let mut config = config;
+    crate::memtrim::schedule();
     loop {
         let generation = shutdown.child_token();
         let exit = agent.pipeline(&config, generation.clone()).await;
@@ -165,6 +166,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 // READY=1 after the first sample under the new config ends
                 // systemd's RELOADING state.
                 agent.ready_due = true;
+                // What the reload ran (parsing, a model compile) once.
+                crate::memtrim::schedule();
             }
         }
     }
