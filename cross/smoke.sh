@@ -4,7 +4,9 @@
 #   cross/smoke.sh armv7-unknown-linux-gnueabihf
 # Checks `--version`, `check-config` on config/outpost.toml, `replay` on a
 # generated value stream against the x86 binary's scores (within 1e-6), and
-# `run` for a few seconds (READY, samples stored, clean exit on SIGINT).
+# `run` for a few seconds (READY, samples stored, clean exit on SIGINT), and
+# that `demo` explains it is not in the build (the packages' feature set,
+# `--no-default-features`; SMOKE_DEMO=present skips that for a default build).
 # BIN overrides the binary (default target/TARGET/$PROFILE/outpost, PROFILE
 # defaulting to release); X86_BIN the reference (default target/debug/outpost).
 set -euo pipefail
@@ -53,6 +55,15 @@ printf '[agent]\nnode_id = 7\n' >"$work/bad.toml"
 set +e; arm check-config "$work/bad.toml" >/dev/null 2>&1; rc=$?; set -e
 [ "$rc" -eq 2 ] || fail "check-config of a bad file exited $rc, not 2"
 ok "check-config of a bad file exits 2"
+
+# The packaged feature set has no demo; the binary says so instead of failing
+# on an unknown command.
+if [ "${SMOKE_DEMO:-absent}" = absent ]; then
+  set +e; arm demo >"$work/demo.out" 2>&1; rc=$?; set -e
+  { [ "$rc" -eq 2 ] && grep -q "not in this build" "$work/demo.out"; } \
+    || { cat "$work/demo.out"; fail "demo in a build without it exited $rc"; }
+  ok "demo: not in this build (exit 2)"
+fi
 
 # A NAB-style value stream: a slow wave with noise, then a burst.
 awk 'BEGIN { srand(7); print "timestamp,value";

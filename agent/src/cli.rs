@@ -143,6 +143,14 @@ pub enum Command {
         #[arg(long)]
         verbose: bool,
     },
+    /// A one-minute tour; not in this build (the packages leave out the
+    /// demo's embedded broker): run it from a source checkout with
+    /// `cargo run --release -p outpost -- demo`.
+    #[cfg(not(feature = "demo"))]
+    Demo {
+        #[arg(long, hide = true)]
+        verbose: bool,
+    },
     /// The demo's HTTP service (started by `outpost demo`).
     #[cfg(feature = "demo")]
     #[command(hide = true)]
@@ -304,6 +312,15 @@ pub fn execute(cli: Cli) -> u8 {
                 crate::logging::init(LogFormat::Text, "error,rumqttd=off");
             }
             crate::demo::run(&crate::demo::DemoOptions { verbose })
+        }
+        #[cfg(not(feature = "demo"))]
+        Command::Demo { .. } => {
+            eprintln!(
+                "outpost demo is not in this build: the packages leave out its embedded \
+                 MQTT broker. Run it from a source checkout: \
+                 cargo run --release -p outpost -- demo"
+            );
+            EXIT_BAD_INPUT
         }
         #[cfg(feature = "demo")]
         Command::DemoService { port } => crate::demo::service::serve(port),
