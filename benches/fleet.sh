@@ -25,7 +25,8 @@ MEASURE=${MEASURE:-120}
 SUMMARY_S=${SUMMARY_S:-60}
 EVENT_EVERY_S=${EVENT_EVERY_S:-300}
 DRAIN_EVENTS=${DRAIN_EVENTS:-20000}
-AGENT_WARMUP=${AGENT_WARMUP:-30}
+# Past the start-up page release a minute after start (agent/src/memtrim.rs).
+AGENT_WARMUP=${AGENT_WARMUP:-90}
 AGENT_MEASURE=${AGENT_MEASURE:-180}
 # The simulator's profile. `dev` by default: its deps are usually built
 # already, and its own CPU is not a figure here (10,000 nodes at defaults
