@@ -1116,3 +1116,34 @@ async fn a_corrupt_file_is_set_aside_and_reported_once_the_outbox_is_on() {
         .count();
     assert_eq!(n, 1);
 }
+
+/// The bundled SQLite is built as `.cargo/config.toml` says: no extension
+/// loading, no full-text search or R-tree; JSON (the store's queries use
+/// json_each) stays.
+#[test]
+fn bundled_sqlite_has_only_what_the_store_uses() {
+    let c = Connection::open_in_memory().expect("sqlite");
+    let used = |opt: &str| -> i64 {
+        c.query_row("SELECT sqlite_compileoption_used(?1)", [opt], |r| r.get(0))
+            .expect("compile option")
+    };
+    assert_eq!(used("OMIT_LOAD_EXTENSION"), 1);
+    for absent in [
+        "ENABLE_FTS3",
+        "ENABLE_FTS5",
+        "ENABLE_RTREE",
+        "ENABLE_DBSTAT_VTAB",
+    ] {
+        assert_eq!(used(absent), 0, "{absent}");
+    }
+    let err = c
+        .execute_batch("CREATE VIRTUAL TABLE t USING fts5(x)")
+        .expect_err("no fts5");
+    assert!(err.to_string().contains("no such module"), "{err}");
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM json_each('[1,2,3]')", [], |r| {
+            r.get(0)
+        })
+        .expect("json_each");
+    assert_eq!(n, 3);
+}
