@@ -22,6 +22,18 @@ use std::time::Duration;
 /// then the first samples, probes, steps and store writes have run.
 pub const DELAY: Duration = Duration::from_secs(60);
 
+/// Environment variable: seconds after a start or reload before the
+/// release ([`DELAY`] when unset or not a number); `0` turns it off.
+pub const DELAY_ENV: &str = "OUTPOST_PAGE_RELEASE_AFTER";
+
+fn delay_from(value: Option<&str>) -> Option<Duration> {
+    match value.map(|v| v.trim().parse::<u64>()) {
+        Some(Ok(0)) => None,
+        Some(Ok(s)) => Some(Duration::from_secs(s)),
+        _ => Some(DELAY),
+    }
+}
+
 /// One mapping from `/proc/self/smaps`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Mapping {
@@ -127,14 +139,17 @@ pub fn release_startup_pages() -> io::Result<u64> {
     Ok(released)
 }
 
-/// Releases the start-up pages after [`DELAY`], in the background, logging
-/// what it released.
+/// Releases the start-up pages after [`DELAY`] (or [`DELAY_ENV`]), in the
+/// background, logging what it released.
 pub fn schedule() {
-    tokio::spawn(async {
-        tokio::time::sleep(DELAY).await;
+    let Some(delay) = delay_from(std::env::var(DELAY_ENV).ok().as_deref()) else {
+        return;
+    };
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
         match release_startup_pages() {
-            Ok(kib) => tracing::debug!(kib, "start-up pages released"),
-            Err(e) => tracing::debug!(error = %e, "could not release start-up pages"),
+            Ok(kib) => tracing::info!(kib, "start-up pages released"),
+            Err(e) => tracing::warn!(error = %e, "could not release start-up pages"),
         }
     });
 }
@@ -194,6 +209,14 @@ Anonymous:             0 kB
         assert_eq!(perms, vec![("r--p", 2604), ("r-xp", 8128)]);
         let spaced = releasable(parse_smaps(SMAPS), "/opt/my tools/out post");
         assert_eq!(spaced.len(), 1);
+    }
+
+    #[test]
+    fn the_delay_comes_from_the_environment_and_zero_turns_it_off() {
+        assert_eq!(delay_from(None), Some(DELAY));
+        assert_eq!(delay_from(Some("5")), Some(Duration::from_secs(5)));
+        assert_eq!(delay_from(Some("0")), None);
+        assert_eq!(delay_from(Some("soon")), Some(DELAY));
     }
 
     static COUNTER: AtomicUsize = AtomicUsize::new(0);

@@ -22,6 +22,7 @@ const TMPFILES: &str = include_str!("../../systemd/outpost.tmpfiles");
 const WATCHDOG_DROP_IN: &str = "\
 [Service]
 WatchdogSec=3s
+Environment=OUTPOST_PAGE_RELEASE_AFTER=2
 ";
 
 /// The watchdog period the drop-in sets.
@@ -212,6 +213,27 @@ fn shipped_unit_runs_hardened_and_the_watchdog_restarts_a_frozen_agent() {
     // (b) Past twice the watchdog period, still the same process, never
     // restarted: the WATCHDOG=1 pings arrive.
     std::thread::sleep(WATCHDOG * 2 + Duration::from_secs(1));
+    let (state, same_pid, restarts) = service(&sd);
+    assert_eq!(
+        (state.as_str(), same_pid, restarts),
+        ("active/running", pid, 0),
+        "{}",
+        journal()
+    );
+
+    // The start-up page release (madvise, two seconds after start here)
+    // runs under the unit's system-call filter and the agent keeps going.
+    let released = wait_for("the start-up page release", Duration::from_secs(20), || {
+        let log = sd
+            .sh("journalctl -b --no-pager -o cat _SYSTEMD_UNIT=outpost.service SYSLOG_IDENTIFIER=outpost")
+            .map_err(|e| format!("{e:#}"))?;
+        if log.contains("start-up pages released") {
+            Ok(log)
+        } else {
+            Err(log)
+        }
+    });
+    assert!(!released.contains("could not release"), "{released}");
     let (state, same_pid, restarts) = service(&sd);
     assert_eq!(
         (state.as_str(), same_pid, restarts),
