@@ -213,13 +213,17 @@ fn shipped_unit_runs_hardened_and_the_watchdog_restarts_a_frozen_agent() {
     // (b) Past twice the watchdog period, still the same process, never
     // restarted: the WATCHDOG=1 pings arrive.
     std::thread::sleep(WATCHDOG * 2 + Duration::from_secs(1));
-    let (state, same_pid, restarts) = service(&sd);
-    assert_eq!(
-        (state.as_str(), same_pid, restarts),
-        ("active/running", pid, 0),
-        "{}",
-        journal()
-    );
+    // Still the first process, running, never restarted.
+    let same_agent = || {
+        let (state, same_pid, restarts) = service(&sd);
+        assert_eq!(
+            (state.as_str(), same_pid, restarts),
+            ("active/running", pid, 0),
+            "{}",
+            journal()
+        );
+    };
+    same_agent();
 
     // The start-up page release (madvise, two seconds after start here)
     // runs under the unit's system-call filter and the agent keeps going.
@@ -234,13 +238,7 @@ fn shipped_unit_runs_hardened_and_the_watchdog_restarts_a_frozen_agent() {
         }
     });
     assert!(!released.contains("could not release"), "{released}");
-    let (state, same_pid, restarts) = service(&sd);
-    assert_eq!(
-        (state.as_str(), same_pid, restarts),
-        ("active/running", pid, 0),
-        "{}",
-        journal()
-    );
+    same_agent();
 
     // The sandbox denies no required source: the agent logged no warning
     // (a /proc or /sys file it cannot read, a socket it may not open);
@@ -263,13 +261,7 @@ fn shipped_unit_runs_hardened_and_the_watchdog_restarts_a_frozen_agent() {
     // ExecReload: SIGHUP re-reads the config in place.
     sd.sh("systemctl reload outpost.service").expect("reload");
     std::thread::sleep(Duration::from_secs(1));
-    let (state, same_pid, restarts) = service(&sd);
-    assert_eq!(
-        (state.as_str(), same_pid, restarts),
-        ("active/running", pid, 0),
-        "{}",
-        journal()
-    );
+    same_agent();
 
     // (c) A frozen agent stops pinging: systemd kills it on the watchdog
     // and Restart=always brings up a new one after RestartSec.
