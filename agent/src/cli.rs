@@ -243,6 +243,8 @@ pub fn execute(cli: Cli) -> u8 {
                 },
                 None => Config::builtin(),
             };
+            // Before any other thread exists (see memtrim).
+            crate::memtrim::fix_mmap_threshold();
             crate::logging::init(cli.log_format, &cli.log_level);
             run_daemon(cfg)
         }

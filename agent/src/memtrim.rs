@@ -14,8 +14,21 @@
 //! such a mapping equals the file's, so dropping and re-reading it changes
 //! nothing. The relocated read-only data (RELRO) holds copied pages and is
 //! never touched, nor is anything writable.
+//!
+//! The same release runs after each periodic store flush (at most once a
+//! minute): what a flush runs (SQLite's write path, zstd) is needed a few
+//! times an hour and otherwise only holds memory.
+//!
+//! The heap: glibc's malloc serves a request above its mmap threshold with
+//! a mapping of its own that goes back to the kernel when freed, but by
+//! default it raises that threshold to the size of every such block freed,
+//! so from the second store flush on, zstd's ~0.8 MiB compression tables
+//! came from the heap and stayed resident after the flush (measured:
+//! BENCHMARKS.md "Footprint"). [`fix_mmap_threshold`] pins the threshold,
+//! which also turns the raising off.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// How long after a start or a reload the start-up pages are released: by
@@ -139,14 +152,77 @@ pub fn release_startup_pages() -> io::Result<u64> {
     Ok(released)
 }
 
+/// Requests of at least this many bytes get a mapping of their own from
+/// glibc's malloc, returned to the kernel when freed (glibc's initial
+/// default, kept fixed).
+pub const MMAP_THRESHOLD: usize = 128 * 1024;
+
+/// Pins glibc's mmap threshold at [`MMAP_THRESHOLD`] (see the module docs).
+/// Call before other threads start. Returns whether the allocator took it
+/// (always false off glibc, where there is nothing to fix).
+pub fn fix_mmap_threshold() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    {
+        // SAFETY: mallopt only changes a tuning parameter of glibc's
+        // allocator (it takes the allocator's lock); no memory is touched
+        // and blocks already allocated keep working whatever the threshold.
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// Set by [`schedule`]: only the daemon releases pages after its flushes.
+static AFTER_FLUSH: AtomicBool = AtomicBool::new(false);
+/// When pages were last released after a flush (ms since the epoch).
+static LAST_AFTER_FLUSH_MS: AtomicU64 = AtomicU64::new(0);
+/// Flush-time releases are at least this far apart.
+const AFTER_FLUSH_EVERY_MS: u64 = 60_000;
+
+/// Called by the store's writer after a periodic flush: releases the
+/// executable's clean pages again (see the module docs), in the daemon only,
+/// when the release is on and at most once a minute. Returns the KiB
+/// released.
+pub fn after_flush() -> Option<u64> {
+    if !AFTER_FLUSH.load(Ordering::Relaxed) {
+        return None;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let last = LAST_AFTER_FLUSH_MS.load(Ordering::Relaxed);
+    if now.saturating_sub(last) < AFTER_FLUSH_EVERY_MS
+        || LAST_AFTER_FLUSH_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        return None;
+    }
+    match release_startup_pages() {
+        Ok(kib) => {
+            tracing::debug!(kib, "pages released after the store flush");
+            Some(kib)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "could not release pages after the store flush");
+            None
+        }
+    }
+}
+
 /// Releases the start-up pages after [`DELAY`] (or [`DELAY_ENV`]), in the
-/// background, logging what it released.
+/// background, logging what it released; from then on the store's
+/// periodic flushes release them again ([`after_flush`]).
 pub fn schedule() {
     let Some(delay) = delay_from(std::env::var(DELAY_ENV).ok().as_deref()) else {
         return;
     };
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
+        AFTER_FLUSH.store(true, Ordering::Relaxed);
         match release_startup_pages() {
             Ok(kib) => tracing::info!(kib, "start-up pages released"),
             Err(e) => tracing::warn!(error = %e, "could not release start-up pages"),

@@ -399,3 +399,50 @@ fn json_logs_are_one_object_per_line() {
         "{messages:?}"
     );
 }
+
+#[test]
+fn code_pages_are_released_after_start_up_and_after_store_flushes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = fast_config(dir.path(), "");
+    let mut child = Daemon(
+        Command::new(BIN)
+            .args(["run", "--config", cfg.to_str().expect("utf8")])
+            .current_dir(dir.path())
+            .env_remove("STATE_DIRECTORY")
+            .env_remove("XDG_STATE_HOME")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .env("RUST_LOG", "outpost=debug")
+            .env("OUTPOST_PAGE_RELEASE_AFTER", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn outpost"),
+    );
+    // Start-up release at 1 s, then the next periodic flush (every second
+    // here) releases again.
+    std::thread::sleep(Duration::from_secs(4));
+    kill(&child, "TERM");
+    let (status, _) = wait_exit(&mut child, Duration::from_secs(5));
+    assert!(status.success());
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    let kib = |what: &str| -> u64 {
+        let line = stderr
+            .lines()
+            .find(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no '{what}' in:\n{stderr}"));
+        let v = line.split("kib=").nth(1).expect("kib field");
+        v.split_whitespace()
+            .next()
+            .unwrap_or("")
+            .parse()
+            .expect("kib")
+    };
+    assert!(kib("start-up pages released") > 0, "{stderr}");
+    assert!(kib("pages released after the store flush") > 0, "{stderr}");
+    assert!(!stderr.contains("could not release"), "{stderr}");
+}

@@ -283,12 +283,14 @@ impl Writer {
                 }
             }
             let now = Instant::now();
-            if self.pending() && now >= self.flush_due() {
-                let _ = self.flush(false);
+            if self.pending() && now >= self.flush_due() && self.flush(false).is_ok() {
+                // What the flush ran leaves the resident set until the next.
+                crate::memtrim::after_flush();
             }
             if now >= next_retention {
                 self.retention_logged();
                 next_retention = now + RETENTION_EVERY;
+                crate::memtrim::after_flush();
             }
             if self.full.as_ref().is_some_and(|f| now >= f.next_check) {
                 self.check_room();
