@@ -214,6 +214,10 @@ impl Agent {
             let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
             s.config = cfg.source.as_ref().map(|p| p.display().to_string());
             s.sample_interval_ms = cfg.agent.sample_interval.as_millis() as u64;
+            // Until the first sample under this config: no target it
+            // dropped (status must not show the new config with old targets).
+            s.targets
+                .retain(|t| cfg.targets.iter().any(|c| c.name == t.name));
         }
         loop {
             tokio::select! {

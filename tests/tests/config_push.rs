@@ -265,7 +265,13 @@ fn a_pushed_config_runs_within_the_local_policy_under_the_shipped_unit() {
         Duration::from_millis(300),
         || {
             let s = status(&sd)?;
-            if s["config"] == PUSHED && s["group"] == "hall-b" && s["sample_interval_ms"] == 700 {
+            // The target list is the latest sample's: wait for the first
+            // sample under the pushed config.
+            if s["config"] == PUSHED
+                && s["group"] == "hall-b"
+                && s["sample_interval_ms"] == 700
+                && s["targets"].as_array().map(Vec::len) == Some(1)
+            {
                 Ok(s)
             } else {
                 Err(s.to_string())
