@@ -24,6 +24,12 @@ fn outpost(dir: &Path, args: &[&str]) -> Output {
 }
 
 fn spawn(dir: &Path, args: &[&str]) -> Daemon {
+    spawn_env(dir, args, &[])
+}
+
+/// [`spawn`] with extra environment variables (set after `RUST_LOG=info`,
+/// so they may override it).
+fn spawn_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
     Daemon(
         Command::new(BIN)
             .args(args)
@@ -33,11 +39,26 @@ fn spawn(dir: &Path, args: &[&str]) -> Daemon {
             .env_remove("NOTIFY_SOCKET")
             .env_remove("JOURNAL_STREAM")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn outpost"),
     )
+}
+
+/// Stops the daemon with SIGTERM, checks it exited cleanly and returns what
+/// it wrote to stderr.
+fn stop_and_read_stderr(child: &mut Daemon) -> String {
+    kill(child, "TERM");
+    let (status, _) = wait_exit(child, Duration::from_secs(5));
+    assert!(status.success());
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    stderr
 }
 
 fn kill(child: &Child, sig: &str) {
@@ -368,14 +389,7 @@ fn json_logs_are_one_object_per_line() {
         ],
     );
     std::thread::sleep(Duration::from_millis(1500));
-    kill(&child, "TERM");
-    let (status, _) = wait_exit(&mut child, Duration::from_secs(5));
-    assert!(status.success());
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut stderr);
-    }
+    let stderr = stop_and_read_stderr(&mut child);
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(lines.len() >= 3, "{stderr}");
     let mut messages = Vec::new();
@@ -404,32 +418,18 @@ fn json_logs_are_one_object_per_line() {
 fn code_pages_are_released_after_start_up_and_after_store_flushes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = fast_config(dir.path(), "");
-    let mut child = Daemon(
-        Command::new(BIN)
-            .args(["run", "--config", cfg.to_str().expect("utf8")])
-            .current_dir(dir.path())
-            .env_remove("STATE_DIRECTORY")
-            .env_remove("XDG_STATE_HOME")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("JOURNAL_STREAM")
-            .env("RUST_LOG", "outpost=debug")
-            .env("OUTPOST_PAGE_RELEASE_AFTER", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn outpost"),
+    let mut child = spawn_env(
+        dir.path(),
+        &["run", "--config", cfg.to_str().expect("utf8")],
+        &[
+            ("RUST_LOG", "outpost=debug"),
+            ("OUTPOST_PAGE_RELEASE_AFTER", "1"),
+        ],
     );
     // Start-up release at 1 s, then the next periodic flush (every second
     // here) releases again.
     std::thread::sleep(Duration::from_secs(4));
-    kill(&child, "TERM");
-    let (status, _) = wait_exit(&mut child, Duration::from_secs(5));
-    assert!(status.success());
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut stderr);
-    }
+    let stderr = stop_and_read_stderr(&mut child);
     let kib = |what: &str| -> u64 {
         let line = stderr
             .lines()
